@@ -1,0 +1,152 @@
+"""Grouped-query attention with rotary positions, optional q/k-norm, sliding window,
+logit soft-capping and a KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from easytunix.layers.cache import LayerCache
+from easytunix.layers.linear import Linear
+from easytunix.layers.norm import RMSNorm
+from easytunix.layers.rope import RopeConfig, apply_rope, rope_inv_freq
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Static shape and behaviour of one attention layer.
+
+  Attributes:
+    num_heads: query heads.
+    num_kv_heads: key/value heads (divides ``num_heads``; 1 is multi-query).
+    head_dim: width of each head.
+    rope: rotary frequencies for this layer.
+    query_scale: multiplies q.k (default ``head_dim ** -0.5``).
+    sliding_window: a query attends to keys fewer than this many slots back.
+    qk_norm: RMS-normalise each query/key head before the rotation.
+    qk_norm_unit_offset: Gemma's (1 + w) form for that norm.
+    norm_eps: epsilon of the q/k norms.
+    softcap: ``tanh(s / c) * c`` on the attention logits.
+    use_bias: biases on the q/k/v projections.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope: RopeConfig = RopeConfig()
+  query_scale: float | None = None
+  sliding_window: int | None = None
+  qk_norm: bool = False
+  qk_norm_unit_offset: bool = False
+  norm_eps: float = 1e-6
+  softcap: float | None = None
+  use_bias: bool = False
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})."
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+
+  @property
+  def scale(self) -> float:
+    return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped keys/values.
+
+  Call with ``x`` [B, T, D], ``positions`` [B, T], a boolean ``mask`` [B, T, S]
+  (S = T without a cache, the cache length with one) and optionally a layer
+  cache plus the slot where the T new keys go. Returns the output and the
+  updated layer cache (None without a cache).
+  """
+
+  def __init__(
+      self,
+      hidden_size: int,
+      config: AttentionConfig,
+      *,
+      dtype: jnp.dtype = jnp.float32,
+      param_dtype: jnp.dtype = jnp.float32,
+      shd=None,
+      rngs: nnx.Rngs,
+  ):
+    from easytunix.layers.sharding import ShardingConfig
+
+    shd = shd or ShardingConfig.none()
+    self.config = config
+    self.dtype = dtype
+    c = config
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = Linear(hidden_size, c.num_heads * c.head_dim, use_bias=c.use_bias, partition=shd.attn_in, **kw)
+    self.k_proj = Linear(hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.use_bias, partition=shd.attn_in, **kw)
+    self.v_proj = Linear(hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.use_bias, partition=shd.attn_in, **kw)
+    self.o_proj = Linear(c.num_heads * c.head_dim, hidden_size, partition=shd.attn_out, **kw)
+    if c.qk_norm:
+      norm_kw = dict(eps=c.norm_eps, unit_offset=c.qk_norm_unit_offset, param_dtype=param_dtype, partition=shd.norm)
+      self.q_norm = RMSNorm(c.head_dim, **norm_kw)
+      self.k_norm = RMSNorm(c.head_dim, **norm_kw)
+    else:
+      self.q_norm = None
+      self.k_norm = None
+    # Set to True (e.g. by attention distillation) to sow the attention weights.
+    self.capture_weights = False
+
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      mask: jax.Array,
+      cache: LayerCache | None = None,
+      cache_index: jax.Array | int | None = None,
+  ) -> tuple[jax.Array, LayerCache | None]:
+    c = self.config
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+    k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    if self.q_norm is not None:
+      q = self.q_norm(q)
+      k = self.k_norm(k)
+    inv_freq = rope_inv_freq(c.head_dim, c.rope)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+
+    start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+    new_cache = None
+    if cache is not None:
+      zero = jnp.zeros((), jnp.int32)
+      k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, start, zero, zero))
+      v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, start, zero, zero))
+      new_cache = LayerCache(k_all, v_all)
+      k_all, v_all = k_all.astype(self.dtype), v_all.astype(self.dtype)
+    else:
+      k_all, v_all = k, v
+
+    s = k_all.shape[1]
+    allowed = mask.astype(jnp.bool_)
+    if c.sliding_window is not None:
+      q_slots = start + jnp.arange(t)
+      k_slots = jnp.arange(s)
+      in_window = (q_slots[:, None] - k_slots[None, :]) < c.sliding_window
+      allowed = allowed & in_window[None]
+
+    groups = c.num_heads // c.num_kv_heads
+    qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_all, preferred_element_type=jnp.float32)
+    scores = scores * c.scale
+    if c.softcap is not None:
+      scores = jnp.tanh(scores / c.softcap) * c.softcap
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if self.capture_weights:
+      self.sow(nnx.Intermediate, "attention_weights", probs.reshape(b, c.num_heads, t, s))
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(self.dtype), v_all)
+    out = out.reshape(b, t, c.num_heads * c.head_dim)
+    return self.o_proj(out), new_cache

@@ -1,0 +1,76 @@
+"""The key/value cache that the sampler drives, and the attention masks for it.
+
+The cache holds ``max_len`` slots per row. Prompts are left-padded so that
+every row writes the same slot at each step; ``index`` is that next slot.
+Positions are per row (a padded row starts at position 0 after its padding).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class LayerCache(NamedTuple):
+  """One layer's keys and values, [batch, max_len, num_kv_heads, head_dim]."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+class KVCache(NamedTuple):
+  """Per-layer caches plus the next slot to write (an int32 scalar)."""
+
+  layers: tuple[LayerCache, ...]
+  index: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.layers[0].k.shape[1]
+
+  @property
+  def batch_size(self) -> int:
+    return self.layers[0].k.shape[0]
+
+
+def init_cache(
+    num_layers: int,
+    batch_size: int,
+    max_len: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: jnp.dtype = jnp.float32,
+) -> KVCache:
+  """An empty cache."""
+  shape = (batch_size, max_len, num_kv_heads, head_dim)
+  layers = tuple(
+      LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)
+  )
+  return KVCache(layers, jnp.zeros((), jnp.int32))
+
+
+def make_causal_mask(input_mask: jax.Array) -> jax.Array:
+  """[B, T] validity mask -> [B, T, T] causal attention mask over valid keys."""
+  t = input_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+  return causal[None] & input_mask.astype(jnp.bool_)[:, None, :]
+
+
+def make_decode_mask(key_valid: jax.Array, start: jax.Array | int, num_queries: int) -> jax.Array:
+  """Mask for ``num_queries`` new tokens written at slots ``start...``.
+
+  Args:
+    key_valid: [B, S] which cache slots hold real (non-padding) tokens, with the
+      new tokens' slots already marked.
+    start: the slot of the first new token.
+    num_queries: how many new tokens.
+
+  Returns:
+    [B, num_queries, S] boolean mask: a query sees valid keys at or before its slot.
+  """
+  s = key_valid.shape[-1]
+  q_slots = start + jnp.arange(num_queries)
+  causal = jnp.arange(s)[None, :] <= q_slots[:, None]
+  return causal[None] & key_valid.astype(jnp.bool_)[:, None, :]

@@ -1,0 +1,122 @@
+"""Logical sharding of parameters and activations onto a device mesh.
+
+Every parameter carries a ``partition`` metadata tuple of mesh-axis names (or
+None) chosen from a :class:`ShardingConfig`; :func:`shard_model` and the
+checkpoint loader turn those into ``NamedSharding``s for a concrete mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Axes = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+  """Partition specs (mesh-axis names per array dimension) for each kind of array.
+
+  The default uses two mesh axes: ``fsdp`` (parameters and batch sharded, fully
+  sharded data parallel) and ``tp`` (tensor parallel: heads and MLP width).
+  Axis names that a given mesh lacks are treated as replicated.
+  """
+
+  embed_vd: Axes = ("tp", "fsdp")
+  lm_head_dv: Axes = ("fsdp", "tp")
+  attn_in: Axes = ("fsdp", "tp")
+  attn_out: Axes = ("tp", "fsdp")
+  ffw_in: Axes = ("fsdp", "tp")
+  ffw_out: Axes = ("tp", "fsdp")
+  norm: Axes = (None,)
+  router: Axes = ("fsdp", None)
+  expert_in: Axes = (None, "fsdp", "tp")
+  expert_out: Axes = (None, "tp", "fsdp")
+  act_btd: Axes = ("fsdp", None, None)
+  act_bt: Axes = ("fsdp", None)
+
+  @classmethod
+  def default(cls, fsdp: str | None = "fsdp", tp: str | None = "tp") -> "ShardingConfig":
+    """FSDP x tensor-parallel specs, with the mesh axis names given."""
+    rename = {"fsdp": fsdp, "tp": tp}
+    fields = {}
+    for f in dataclasses.fields(cls):
+      spec = f.default
+      fields[f.name] = tuple(rename.get(a, a) if a is not None else None for a in spec)
+    return cls(**fields)
+
+  @classmethod
+  def none(cls) -> "ShardingConfig":
+    """Everything replicated."""
+    return cls(**{f.name: (None,) * len(f.default) for f in dataclasses.fields(cls)})
+
+  def get_default_sharding(self, is_sampling: bool = False) -> "ShardingConfig":
+    """Seed-compatible alias: the default FSDP x TP layout."""
+    del is_sampling
+    return ShardingConfig.default()
+
+
+def _spec_for_mesh(axes: Axes, mesh: Mesh | None) -> PartitionSpec:
+  if mesh is None:
+    return PartitionSpec()
+  names = set(mesh.axis_names)
+  return PartitionSpec(*(a if a in names else None for a in axes))
+
+
+def variable_sharding(
+    path: str, shape: tuple[int, ...], axes: Axes | None, mesh: Mesh | None
+) -> jax.sharding.Sharding | None:
+  """The NamedSharding for one variable, checking that its dims divide the mesh."""
+  if mesh is None:
+    return None
+  axes = tuple(axes or ())
+  if len(axes) < len(shape):
+    axes = axes + (None,) * (len(shape) - len(axes))
+  spec = _spec_for_mesh(axes[: len(shape)], mesh)
+  for dim, axis in zip(shape, spec):
+    if axis is None:
+      continue
+    size = int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))
+    if dim % size:
+      raise ValueError(
+          f"Cannot shard parameter {path} of shape {shape} with spec {tuple(spec)}: "
+          f"dimension {dim} is not divisible by mesh axis {axis!r} of size {size}. "
+          "Use a mesh whose axis sizes divide the model dimensions, or a ShardingConfig "
+          "that replicates this dimension."
+      )
+  return NamedSharding(mesh, spec)
+
+
+def path_str(path: tuple) -> str:
+  """'layers.0.attn.q_proj.kernel' for an nnx state path."""
+  return ".".join(str(p) for p in path)
+
+
+def partition_specs(model: nnx.Module, mesh: Mesh | None = None) -> dict[str, PartitionSpec]:
+  """Maps every variable path of ``model`` to its PartitionSpec on ``mesh``."""
+  out = {}
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Variable):
+      axes = var.get_metadata().get("partition")
+      if axes is not None:
+        out[path_str(path)] = _spec_for_mesh(tuple(axes), mesh)
+  return out
+
+
+def shard_model(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
+  """Places every variable of ``model`` on ``mesh`` following its partition metadata."""
+  if mesh is None:
+    return model
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Variable) and hasattr(var[...], "shape"):
+      value = var[...]
+      sharding = variable_sharding(
+          path_str(path), value.shape, var.get_metadata().get("partition"), mesh
+      )
+      var[...] = jax.device_put(value, sharding)
+  return model

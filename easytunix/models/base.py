@@ -1,0 +1,395 @@
+"""The decoder-only transformer that every family composes from shared layers.
+
+A family (Llama 3, Qwen 3, Gemma, Gemma 3) is a :class:`DecoderConfig` subclass
+with its named sizes and Hugging Face config parser, a thin :class:`CausalLM`
+subclass, and a checkpoint name table (see ``easytunix.models.loader``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from easytunix.layers.attention import Attention, AttentionConfig
+from easytunix.layers.cache import KVCache, init_cache, make_causal_mask
+from easytunix.layers.embedder import Embedder
+from easytunix.layers.linear import Linear
+from easytunix.layers.mlp import ACTIVATIONS, MLP
+from easytunix.layers.moe import MoELayer
+from easytunix.layers.norm import RMSNorm
+from easytunix.layers.rope import RopeConfig
+from easytunix.layers.sharding import ShardingConfig
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+
+def to_dtype(dtype: Any) -> Any:
+  """Accepts a jnp dtype or its name ('bfloat16', 'float32', 'float16')."""
+  if dtype is None:
+    return None
+  if isinstance(dtype, str):
+    try:
+      return _DTYPES[dtype]
+    except KeyError:
+      raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}.") from None
+  return jnp.dtype(dtype).type
+
+
+def dtype_name(dtype: Any) -> str:
+  return jnp.dtype(dtype).name
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Architecture of a decoder-only transformer.
+
+  Attributes:
+    vocab_size: number of token ids.
+    hidden_size: model width (``embed_dim``).
+    intermediate_size: MLP width (``hidden_dim``).
+    num_layers: number of decoder layers.
+    num_heads: query heads.
+    num_kv_heads: key/value heads.
+    head_dim: width of each head.
+    norm_eps: RMSNorm epsilon.
+    norm_unit_offset: Gemma's (1 + w) RMSNorm.
+    activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
+    tie_embeddings: the output projection reuses the embedding matrix.
+    scale_embeddings: embeddings multiplied by sqrt(hidden_size) (Gemma).
+    rope: rotary config of full-attention layers.
+    local_rope: rotary config of sliding-window layers (defaults to ``rope``).
+    layer_types: per layer, "full_attention" or "sliding_attention" (None: all full).
+    sliding_window: window of the sliding layers.
+    qk_norm: RMS-normalise query and key heads (Qwen 3, Gemma 3).
+    sandwich_norms: extra norms after attention and after the MLP (Gemma 3).
+    attention_bias: biases on the q/k/v projections.
+    query_pre_attn_scalar: attention scale is this ** -0.5 (default head_dim).
+    attn_logit_softcap: soft cap on attention logits.
+    final_logit_softcap: soft cap on output logits.
+    num_experts: experts per MoE layer (0: dense model).
+    num_experts_per_tok: experts each token is routed to.
+    moe_intermediate_size: width of each expert.
+    norm_topk_prob: renormalise the top-k router weights.
+    moe_layers: per layer, whether it is MoE (None: all layers when num_experts > 0).
+    max_position_embeddings: longest context the model was trained for.
+    dtype: compute dtype.
+    param_dtype: storage dtype of parameters.
+    sharding: logical partition specs for parameters and activations.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  norm_eps: float = 1e-6
+  norm_unit_offset: bool = False
+  activation: str = "silu"
+  tie_embeddings: bool = True
+  scale_embeddings: bool = False
+  rope: RopeConfig = RopeConfig()
+  local_rope: RopeConfig | None = None
+  layer_types: tuple[str, ...] | None = None
+  sliding_window: int | None = None
+  qk_norm: bool = False
+  sandwich_norms: bool = False
+  attention_bias: bool = False
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = True
+  moe_layers: tuple[bool, ...] | None = None
+  max_position_embeddings: int = 8192
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  sharding: ShardingConfig = ShardingConfig.default()
+
+  # Hugging Face model_type values this config describes (set by families).
+  hf_model_types: ClassVar[tuple[str, ...]] = ()
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {value!r}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})."
+      )
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}.")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(
+            f"layer_types has {len(self.layer_types)} entries but num_layers is {self.num_layers}."
+        )
+      bad = set(self.layer_types) - {FULL, SLIDING}
+      if bad:
+        raise ValueError(f"Unknown layer types {sorted(bad)}; use {FULL!r} or {SLIDING!r}.")
+      if SLIDING in self.layer_types and not self.sliding_window:
+        raise ValueError("Sliding-attention layers need sliding_window to be set (a positive int).")
+    if self.num_experts:
+      if not 0 < self.num_experts_per_tok <= self.num_experts:
+        raise ValueError(
+            f"num_experts_per_tok must be in [1, {self.num_experts}], got {self.num_experts_per_tok}."
+        )
+      if self.moe_intermediate_size <= 0:
+        raise ValueError("An MoE config needs moe_intermediate_size > 0.")
+    if self.moe_layers is not None and len(self.moe_layers) != self.num_layers:
+      raise ValueError(
+          f"moe_layers has {len(self.moe_layers)} entries but num_layers is {self.num_layers}."
+      )
+    object.__setattr__(self, "dtype", to_dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", to_dtype(self.param_dtype))
+
+  # Seed-compatible names.
+  @property
+  def embed_dim(self) -> int:
+    return self.hidden_size
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.intermediate_size
+
+  @property
+  def num_embed(self) -> int:
+    return self.vocab_size
+
+  @property
+  def shd_config(self) -> ShardingConfig:
+    return self.sharding
+
+  def replace(self, **changes: Any) -> "DecoderConfig":
+    """A copy with some fields changed (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+  def layer_type(self, i: int) -> str:
+    return FULL if self.layer_types is None else self.layer_types[i]
+
+  def is_moe_layer(self, i: int) -> bool:
+    if not self.num_experts:
+      return False
+    return True if self.moe_layers is None else bool(self.moe_layers[i])
+
+  def attention_config(self, i: int) -> AttentionConfig:
+    sliding = self.layer_type(i) == SLIDING
+    return AttentionConfig(
+        num_heads=self.num_heads,
+        num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim,
+        rope=(self.local_rope or self.rope) if sliding else self.rope,
+        query_scale=(self.query_pre_attn_scalar**-0.5) if self.query_pre_attn_scalar else None,
+        sliding_window=self.sliding_window if sliding else None,
+        qk_norm=self.qk_norm,
+        qk_norm_unit_offset=self.norm_unit_offset,
+        norm_eps=self.norm_eps,
+        softcap=self.attn_logit_softcap,
+        use_bias=self.attention_bias,
+    )
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-friendly dict (our own preset format)."""
+    out = {}
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if f.name in ("dtype", "param_dtype"):
+        v = dtype_name(v)
+      elif isinstance(v, (RopeConfig, ShardingConfig)):
+        v = dataclasses.asdict(v)
+      out[f.name] = v
+    return out
+
+  @classmethod
+  def from_dict(cls, data: dict[str, Any]) -> "DecoderConfig":
+    """Inverse of :meth:`to_dict`; unknown keys are an error."""
+    data = dict(data)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+      raise ValueError(f"Unknown {cls.__name__} fields {sorted(unknown)}; known fields: {sorted(names)}.")
+    for key in ("rope", "local_rope"):
+      if isinstance(data.get(key), dict):
+        data[key] = RopeConfig(**data[key])
+    if isinstance(data.get("sharding"), dict):
+      data["sharding"] = ShardingConfig(**{k: tuple(v) for k, v in data["sharding"].items()})
+    for key in ("layer_types", "moe_layers"):
+      if data.get(key) is not None:
+        data[key] = tuple(data[key])
+    return cls(**data)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  @classmethod
+  def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "DecoderConfig":
+    """Builds the config from a Hugging Face ``config.json`` dict."""
+    raise NotImplementedError(f"{cls.__name__} does not parse Hugging Face configs.")
+
+
+def hf_rope_params(hf: dict[str, Any], layer_type: str | None = None) -> dict[str, Any]:
+  """The rope dict of a HF config in either spelling (transformers 4 or 5).
+
+  transformers 5 writes ``rope_parameters`` (for Gemma 3 nested per layer type);
+  transformers 4 writes ``rope_theta`` plus an optional ``rope_scaling``.
+  """
+  params = hf.get("rope_parameters")
+  if isinstance(params, dict) and layer_type is not None and layer_type in params:
+    params = params[layer_type]
+  if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params):
+    return dict(params)
+  out = dict(hf.get("rope_scaling") or {})
+  if "rope_theta" in hf:
+    out["rope_theta"] = hf["rope_theta"]
+  return out
+
+
+def hf_dtype(hf: dict[str, Any]) -> str | None:
+  return hf.get("dtype") or hf.get("torch_dtype")
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention and MLP (or MoE) blocks with residual connections."""
+
+  def __init__(self, config: DecoderConfig, layer_index: int, *, rngs: nnx.Rngs):
+    c = config
+    shd = c.sharding
+    norm = lambda: RMSNorm(  # noqa: E731
+        c.hidden_size, eps=c.norm_eps, unit_offset=c.norm_unit_offset, param_dtype=c.param_dtype, partition=shd.norm
+    )
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, shd=shd, rngs=rngs)
+    self.input_norm = norm()
+    self.attn = Attention(c.hidden_size, c.attention_config(layer_index), **kw)
+    self.post_attn_norm = norm() if c.sandwich_norms else None
+    self.pre_ffw_norm = norm()
+    if c.is_moe_layer(layer_index):
+      self.mlp = MoELayer(
+          c.hidden_size,
+          c.moe_intermediate_size,
+          c.num_experts,
+          c.num_experts_per_tok,
+          norm_topk_prob=c.norm_topk_prob,
+          activation=c.activation,
+          **kw,
+      )
+    else:
+      self.mlp = MLP(c.hidden_size, c.intermediate_size, activation=c.activation, **kw)
+    self.post_ffw_norm = norm() if c.sandwich_norms else None
+
+  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    h, new_cache = self.attn(self.input_norm(x), positions, mask, cache, cache_index)
+    if self.post_attn_norm is not None:
+      h = self.post_attn_norm(h)
+    x = x + h
+    h = self.mlp(self.pre_ffw_norm(x))
+    if self.post_ffw_norm is not None:
+      h = self.post_ffw_norm(h)
+    return x + h, new_cache
+
+
+class CausalLM(nnx.Module):
+  """A decoder-only language model.
+
+  ``model(tokens, positions=None, cache=None, attention_mask=None)`` returns
+  ``(logits, new_cache)``. ``attention_mask`` is either a [B, T] validity mask
+  (padding, causal attention is added) or a full [B, T, S] boolean mask; with a
+  cache, S is the cache length and the T new tokens are written at ``cache.index``.
+  """
+
+  config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    shd = c.sharding
+    self.embedder = Embedder(
+        c.vocab_size,
+        c.hidden_size,
+        scale_by_sqrt_dim=c.scale_embeddings,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        partition=shd.embed_vd,
+        rngs=rngs,
+    )
+    self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs) for i in range(c.num_layers)])
+    self.final_norm = RMSNorm(
+        c.hidden_size, eps=c.norm_eps, unit_offset=c.norm_unit_offset, param_dtype=c.param_dtype, partition=shd.norm
+    )
+    self.lm_head = (
+        None
+        if c.tie_embeddings
+        else Linear(
+            c.hidden_size, c.vocab_size, dtype=c.dtype, param_dtype=c.param_dtype, partition=shd.lm_head_dv, rngs=rngs
+        )
+    )
+
+  def __call__(
+      self,
+      input_tokens: jax.Array,
+      positions: jax.Array | None = None,
+      cache: KVCache | None = None,
+      attention_mask: jax.Array | None = None,
+      *,
+      return_hidden_states: bool = False,
+  ):
+    tokens = jnp.asarray(input_tokens)
+    b, t = tokens.shape
+    if positions is None:
+      if attention_mask is not None and attention_mask.ndim == 2:
+        positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+      else:
+        start = 0 if cache is None else cache.index
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if attention_mask is None:
+      if cache is not None:
+        raise ValueError("With a KV cache, pass the [B, T, S] attention_mask (see make_decode_mask).")
+      attention_mask = make_causal_mask(jnp.ones((b, t), jnp.bool_))
+    elif attention_mask.ndim == 2:
+      if cache is not None:
+        raise ValueError("With a KV cache, pass the [B, T, S] attention_mask (see make_decode_mask).")
+      attention_mask = make_causal_mask(attention_mask)
+
+    x = self.embedder.encode(tokens)
+    new_layers = []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache.layers[i]
+      x, new_layer_cache = layer(x, positions, attention_mask, layer_cache, None if cache is None else cache.index)
+      new_layers.append(new_layer_cache)
+    hidden = self.final_norm(x)
+    logits = self.lm_head(hidden) if self.lm_head is not None else self.embedder.decode(hidden)
+    if self.config.final_logit_softcap is not None:
+      cap = self.config.final_logit_softcap
+      logits = jnp.tanh(logits / cap) * cap
+    new_cache = None if cache is None else KVCache(tuple(new_layers), cache.index + t)
+    if return_hidden_states:
+      return logits, new_cache, hidden
+    return logits, new_cache
+
+  def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty KV cache sized for this model."""
+    c = self.config
+    return init_cache(c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim, to_dtype(dtype) or c.dtype)
+
+  @property
+  def num_embed(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -1,0 +1,83 @@
+"""Reading Hugging Face model folders: config.json and the family it names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from easytunix.models.base import DecoderConfig, to_dtype
+from easytunix.models.loader import create_model
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+  """The ``config.json`` of a Hugging Face model folder, as a dict."""
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"Model folder {folder} does not exist or is not a directory.")
+  path = folder / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{folder} has no config.json. A Hugging Face model folder holds config.json and *.safetensors."
+    )
+  return json.loads(path.read_text())
+
+
+def load_hf_model(
+    model_cls: type,
+    rules: tuple,
+    folder: str | Path,
+    config: DecoderConfig | None = None,
+    *,
+    mesh: Mesh | None = None,
+    dtype: Any = None,
+) -> nnx.Module:
+  """Loads a family's model from a Hugging Face folder.
+
+  Args:
+    model_cls: the family's model class (its ``config_class`` parses config.json).
+    rules: the family's checkpoint name table.
+    folder: the model folder.
+    config: use this config instead of parsing config.json.
+    mesh: shard parameters on this mesh following ``config.sharding``.
+    dtype: compute and parameter dtype (default: the checkpoint's own dtype).
+  """
+  if config is None:
+    config = model_cls.config_class.from_hf_config(read_hf_config(folder))
+  if dtype is not None:
+    config = config.replace(dtype=to_dtype(dtype), param_dtype=to_dtype(dtype))
+  return create_model(model_cls, config, folder, rules, mesh=mesh)
+
+
+def common_hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """Fields every Llama-like Hugging Face config spells the same way."""
+  heads = hf["num_attention_heads"]
+  fields = dict(
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      norm_eps=hf.get("rms_norm_eps", 1e-6),
+      max_position_embeddings=hf.get("max_position_embeddings", 8192),
+      attention_bias=bool(hf.get("attention_bias", False)),
+  )
+  dtype = hf.get("dtype") or hf.get("torch_dtype")
+  if dtype in ("float32", "bfloat16", "float16"):
+    fields["dtype"] = dtype
+    fields["param_dtype"] = dtype
+  return fields
+
+
+def check_model_type(hf: dict[str, Any], expected: tuple[str, ...], family: str) -> None:
+  model_type = hf.get("model_type")
+  if model_type not in expected:
+    raise ValueError(
+        f"config.json has model_type {model_type!r}, which is not a {family} model "
+        f"(expected one of {expected})."
+    )
