@@ -57,7 +57,8 @@ def build_tiny(name: str, folder: Path, seed: int = 0):
 def prompts_batch(seed: int = 0, batch: int = 3, max_len: int = 20):
   """Left-padded token ids [B, T] and their validity mask, rows of different lengths."""
   rng = np.random.default_rng(seed)
-  lengths = [max_len - 7 * i for i in range(batch)]
+  step = min(7, (max_len - 2) // max(batch - 1, 1))
+  lengths = [max_len - step * i for i in range(batch)]
   tokens = np.zeros((batch, max_len), np.int32)
   mask = np.zeros((batch, max_len), bool)
   for i, n in enumerate(lengths):

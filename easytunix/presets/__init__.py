@@ -1,0 +1,1 @@
+"""Ready-made model presets and the small assets they ship with."""

@@ -1,0 +1,64 @@
+"""Loading onto an 8-device CPU mesh: same logits, parameters placed per ShardingConfig."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec
+
+from easytunix.layers.sharding import ShardingConfig, path_str
+from easytunix.models import load_model
+from tests import hf_reference
+
+
+def _mesh():
+  return jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen3_moe", "gemma3"])
+def test_sharded_load_matches_single_device(hf_tiny, arch):
+  assert len(jax.devices()) == 8, "conftest must give 8 CPU devices"
+  folder, _ = hf_tiny(arch)
+  mesh = _mesh()
+  single = load_model(folder, dtype="float32")
+  sharded = load_model(folder, dtype="float32", mesh=mesh)
+  tokens, mask = hf_reference.prompts_batch(batch=4, max_len=16)
+  expected, _ = single(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  got = nnx.jit(lambda m, t, a: m(t, attention_mask=a)[0])(sharded, jnp.asarray(tokens), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(expected)[mask], atol=1e-5)
+
+  shd = ShardingConfig.default()
+  expected_specs = {
+      "embedder.embedding": shd.embed_vd,
+      "attn.q_proj.kernel": shd.attn_in,
+      "attn.o_proj.kernel": shd.attn_out,
+      "mlp.gate_proj.kernel": shd.ffw_in,
+      "mlp.down_proj.kernel": shd.ffw_out,
+      "mlp.router.kernel": shd.router,
+      "mlp.gate_proj": shd.expert_in,
+      "mlp.down_proj": shd.expert_out,
+      "input_norm.scale": shd.norm,
+  }
+  checked = 0
+  for path, var in nnx.iter_graph(sharded):
+    if not isinstance(var, nnx.Param):
+      continue
+    name = path_str(path)
+    for suffix, axes in expected_specs.items():
+      if name.endswith(suffix):
+        sharding = var.get_value().sharding
+        assert sharding.mesh.shape == mesh.shape
+        want = jax.sharding.NamedSharding(mesh, PartitionSpec(*axes))
+        assert sharding.is_equivalent_to(want, var.get_value().ndim), f"{name}: {sharding.spec} != {axes}"
+        checked += 1
+        break
+  assert checked >= 5
+
+
+def test_indivisible_dimension_is_a_clear_error(hf_tiny):
+  folder, _ = hf_tiny("gemma")
+  devices = np.array(jax.devices()[:3]).reshape(1, 3)
+  mesh = jax.sharding.Mesh(devices, ("fsdp", "tp"), axis_types=(AxisType.Auto, AxisType.Auto))
+  with pytest.raises(ValueError, match=r"embedder\.embedding .* not divisible by mesh axis 'tp' of size 3"):
+    load_model(folder, dtype="float32", mesh=mesh)
