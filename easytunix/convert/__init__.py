@@ -1,0 +1,1 @@
+"""Conversion of external checkpoint formats (e.g. GGUF) into Hugging Face folders."""
