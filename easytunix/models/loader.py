@@ -150,13 +150,15 @@ def load_weights(
             raise ValueError(
                 f"Tensor {raw_name} in {file} is expert {expert}, but the config has {target.shape[0]} experts."
             )
-          buffer[expert] = array.astype(dtype)
+          buffer[expert] = array
           seen.add(expert)
           if len(seen) == target.shape[0]:
             place(path, var, buffer)
             del stacked_buffers[path]
         else:
-          place(path, var, np.ascontiguousarray(array.astype(dtype)))
+          place(path, var, np.ascontiguousarray(array.astype(dtype, copy=False)))
+        del array
+        reader.release(raw_name)
 
   if unexpected:
     logger.warning("Ignored %d checkpoint tensors with no parameter: %s", len(unexpected), unexpected[:10])

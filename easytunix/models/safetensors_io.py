@@ -63,6 +63,15 @@ class SafetensorsReader:
     buf = np.frombuffer(self._mmap, dtype=np.uint8, count=end - start, offset=self._data_start + start)
     return buf.view(dtype).reshape(entry["shape"])
 
+  def release(self, name: str) -> None:
+    """Drops the pages of tensor ``name`` from memory (they are re-read if used again)."""
+    start, end = self._entries[name]["data_offsets"]
+    page = mmap.PAGESIZE
+    lo = (self._data_start + start) // page * page
+    hi = self._data_start + end
+    if hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED") and hi > lo:
+      self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
   def close(self) -> None:
     try:
       self._mmap.close()
