@@ -239,8 +239,12 @@ class DecoderConfig:
 
   @classmethod
   def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "DecoderConfig":
-    """Builds the config from a Hugging Face ``config.json`` dict."""
-    raise NotImplementedError(f"{cls.__name__} does not parse Hugging Face configs.")
+    """Builds the config from a Hugging Face ``config.json`` dict (each family implements it)."""
+    raise NotImplementedError(f"{cls.__name__} does not parse Hugging Face configs; use a family's config class.")
+
+  def to_hf_config(self) -> dict[str, Any]:
+    """This config as a Hugging Face ``config.json`` dict (each family implements it)."""
+    raise NotImplementedError(f"{type(self).__name__} cannot be written as a Hugging Face config.")
 
 
 def hf_rope_params(hf: dict[str, Any], layer_type: str | None = None) -> dict[str, Any]:

@@ -81,3 +81,52 @@ def check_model_type(hf: dict[str, Any], expected: tuple[str, ...], family: str)
         f"config.json has model_type {model_type!r}, which is not a {family} model "
         f"(expected one of {expected})."
     )
+
+
+def rope_to_hf(rope) -> dict[str, Any]:
+  """A RopeConfig as a Hugging Face ``rope_parameters`` entry."""
+  out: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
+  if rope.rope_type == "linear":
+    out["factor"] = rope.factor
+  elif rope.rope_type == "llama3":
+    out.update(factor=rope.factor, low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+               original_max_position_embeddings=rope.original_max_position_embeddings)
+  return out
+
+
+def common_hf_dict(config: DecoderConfig, model_type: str, architecture: str) -> dict[str, Any]:
+  """The Llama-like part of a Hugging Face ``config.json`` for ``config``."""
+  from easytunix.models.base import dtype_name
+
+  return dict(
+      architectures=[architecture],
+      model_type=model_type,
+      vocab_size=config.vocab_size,
+      hidden_size=config.hidden_size,
+      intermediate_size=config.intermediate_size,
+      num_hidden_layers=config.num_layers,
+      num_attention_heads=config.num_heads,
+      num_key_value_heads=config.num_kv_heads,
+      head_dim=config.head_dim,
+      rms_norm_eps=config.norm_eps,
+      max_position_embeddings=config.max_position_embeddings,
+      tie_word_embeddings=config.tie_embeddings,
+      attention_bias=config.attention_bias,
+      rope_parameters=rope_to_hf(config.rope),
+      rope_theta=config.rope.theta,
+      dtype=dtype_name(config.param_dtype),
+  )
+
+
+def save_hf_folder(model: nnx.Module, folder: str | Path, rules: tuple, hf_config: dict[str, Any]) -> Path:
+  """Writes ``model`` as a Hugging Face folder: config.json + model.safetensors."""
+  from safetensors.numpy import save_file
+
+  from easytunix.models.loader import checkpoint_tensors
+
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors = checkpoint_tensors(model, rules)
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  return folder

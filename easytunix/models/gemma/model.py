@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from easytunix.layers import MLP, Attention, Embedder, RMSNorm, ShardingConfig  # noqa: F401  (seed names)
 from easytunix.layers.rope import RopeConfig
 from easytunix.models.base import CausalLM, DecoderConfig, DecoderLayer, hf_rope_params
-from easytunix.models.hf import check_model_type, common_hf_fields
+from easytunix.models.hf import check_model_type, common_hf_dict, common_hf_fields
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
 
@@ -18,6 +18,10 @@ def hf_activation(hf: dict[str, Any]) -> str:
   if name not in _ACTIVATIONS:
     raise ValueError(f"Unsupported hidden activation {name!r}; supported: {sorted(_ACTIVATIONS)}.")
   return _ACTIVATIONS[name]
+
+
+def hf_activation_name(activation: str) -> str:
+  return {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu"}[activation]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,10 @@ class TransformerConfig(DecoderConfig):
     )
     fields.update(overrides)
     return cls(**fields)
+
+  def to_hf_config(self) -> dict[str, Any]:
+    """This config as a transformers ``GemmaConfig`` dict."""
+    return {**common_hf_dict(self, "gemma", "GemmaForCausalLM"), "hidden_activation": hf_activation_name(self.activation)}
 
   @classmethod
   def tiny(cls, **overrides: Any) -> "TransformerConfig":

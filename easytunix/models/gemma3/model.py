@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 from easytunix.layers import MLP, Attention, Embedder, RMSNorm, ShardingConfig  # noqa: F401  (seed names)
 from easytunix.layers.rope import RopeConfig
 from easytunix.models.base import FULL, SLIDING, CausalLM, DecoderConfig, DecoderLayer, hf_rope_params
-from easytunix.models.gemma.model import hf_activation
-from easytunix.models.hf import check_model_type, common_hf_fields
+from easytunix.models.gemma.model import hf_activation, hf_activation_name
+from easytunix.models.hf import check_model_type, common_hf_dict, common_hf_fields, rope_to_hf
 
 
 def sliding_pattern(num_layers: int, every: int = 6) -> tuple[str, ...]:
@@ -62,6 +62,22 @@ class Gemma3Config(DecoderConfig):
     )
     fields.update(overrides)
     return cls(**fields)
+
+  def to_hf_config(self) -> dict[str, Any]:
+    """This config as a transformers ``Gemma3TextConfig`` dict."""
+    out = common_hf_dict(self, "gemma3_text", "Gemma3ForCausalLM")
+    local = self.local_rope or self.rope
+    out.pop("rope_theta")
+    out.update(
+        hidden_activation=hf_activation_name(self.activation),
+        layer_types=list(self.layer_types or (FULL,) * self.num_layers),
+        sliding_window=self.sliding_window,
+        query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+        attn_logit_softcapping=self.attn_logit_softcap,
+        final_logit_softcapping=self.final_logit_softcap,
+        rope_parameters={FULL: rope_to_hf(self.rope), SLIDING: rope_to_hf(local)},
+    )
+    return out
 
   @classmethod
   def tiny(cls, **overrides: Any) -> "Gemma3Config":

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from easytunix.layers import MLP, Attention, Embedder, RMSNorm, ShardingConfig  # noqa: F401  (seed names)
 from easytunix.layers.rope import RopeConfig
 from easytunix.models.base import CausalLM, DecoderConfig, DecoderLayer, hf_rope_params  # noqa: F401
-from easytunix.models.hf import check_model_type, common_hf_fields
+from easytunix.models.hf import check_model_type, common_hf_dict, common_hf_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,10 @@ class ModelConfig(DecoderConfig):
     )
     fields.update(overrides)
     return cls(**fields)
+
+  def to_hf_config(self) -> dict[str, Any]:
+    """This config as a transformers ``LlamaConfig`` dict."""
+    return {**common_hf_dict(self, "llama", "LlamaForCausalLM"), "hidden_act": "silu", "mlp_bias": False}
 
   @classmethod
   def tiny(cls, **overrides: Any) -> "ModelConfig":

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from easytunix.layers import MLP, Attention, Embedder, MoELayer, RMSNorm, ShardingConfig  # noqa: F401  (seed names)
 from easytunix.layers.rope import RopeConfig
 from easytunix.models.base import SLIDING, FULL, CausalLM, DecoderConfig, DecoderLayer, hf_rope_params  # noqa: F401
-from easytunix.models.hf import check_model_type, common_hf_fields
+from easytunix.models.hf import check_model_type, common_hf_dict, common_hf_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +47,15 @@ class ModelConfig(DecoderConfig):
     fields.update(overrides)
     return cls(**fields)
 
-  @property
-  def hf_model_type(self) -> str:
-    return "qwen3_moe" if self.num_experts else "qwen3"
+  def to_hf_config(self) -> dict[str, Any]:
+    """This config as a transformers ``Qwen3Config`` / ``Qwen3MoeConfig`` dict."""
+    if not self.num_experts:
+      return {**common_hf_dict(self, "qwen3", "Qwen3ForCausalLM"), "hidden_act": "silu"}
+    out = common_hf_dict(self, "qwen3_moe", "Qwen3MoeForCausalLM")
+    out.update(hidden_act="silu", num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+               moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+               decoder_sparse_step=1, mlp_only_layers=[i for i in range(self.num_layers) if not self.is_moe_layer(i)])
+    return out
 
   @classmethod
   def tiny(cls, **overrides: Any) -> "ModelConfig":
