@@ -1,0 +1,272 @@
+"""``from_preset`` and friends: what turns a core model class into a friendly one.
+
+:class:`CausalLMTask` is mixed into each family's core model class (see
+``easytunix.presets.models``), so what users get back is still the plain
+``nnx.Module`` the core trainers take, plus ``.config``, ``.tokenizer``,
+``.sharding``, ``.mesh`` and the Keras-style methods.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import weakref
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from easytunix.generate.tokenizer_adapter import TokenizerAdapter
+from easytunix.layers.sharding import ShardingConfig, shard_model
+from easytunix.models import family_for_model_type
+from easytunix.models.base import DecoderConfig, to_dtype
+from easytunix.models.hf import load_hf_model, read_hf_config, save_hf_folder
+from easytunix.presets.registry import ASSETS, find_weights, get_preset
+
+PRESET_FILE = "easytunix_preset.json"
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+# Facade-only state (compiled trainer, history...) lives beside the module, not in
+# its graph, so nnx.split/jit never see it.
+_STATE: "weakref.WeakKeyDictionary[nnx.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def facade_state(model: nnx.Module) -> dict[str, Any]:
+  """The facade's side-state of ``model`` (created empty on first use)."""
+  return _STATE.setdefault(model, {})
+
+
+class CausalLMTask:
+  """Keras-style entry points shared by every family's preset class."""
+
+  family: ClassVar[str] = ""
+
+  # ---------------------------------------------------------------- loading
+  @classmethod
+  def from_preset(
+      cls,
+      preset: str | Path,
+      *,
+      dtype: Any = None,
+      mesh: Mesh | None = None,
+      seed: int = 0,
+      sharding: ShardingConfig | None = None,
+      tokenizer: TokenizerAdapter | str | Path | None = None,
+      **config_overrides: Any,
+  ):
+    """Builds a model from a registered preset name or a local folder.
+
+    Args:
+      preset: a name from ``easytunix.presets.list_presets()`` or a folder (a
+        Hugging Face model folder or one written by ``save_to_preset``).
+      dtype: compute and parameter dtype ("float32", "bfloat16"); default: the preset's.
+      mesh: place parameters on this mesh following the config's ShardingConfig.
+      seed: initialisation seed of random-weight (tiny) presets.
+      sharding: replace the config's ShardingConfig.
+      tokenizer: a TokenizerAdapter or folder, instead of the preset's own.
+      **config_overrides: change config fields of random-weight presets (e.g. num_layers=4).
+    """
+    path = Path(preset).expanduser()
+    if path.is_dir():
+      return cls._from_folder(path, dtype=dtype, mesh=mesh, sharding=sharding, tokenizer=tokenizer)
+    spec = get_preset(str(preset), family=cls.family or None)
+    target = cls if cls.family else _class_for_family(spec.family)
+    if not spec.is_random:
+      if config_overrides:
+        raise ValueError(f"Preset {spec.name!r} has real weights; its config cannot be overridden ({sorted(config_overrides)}).")
+      return target._from_folder(find_weights(spec), dtype=dtype, mesh=mesh, sharding=sharding, tokenizer=tokenizer)
+    config = spec.config().replace(**config_overrides) if config_overrides else spec.config()
+    config = _with(config, dtype=dtype, sharding=sharding)
+    model = target(config, rngs=nnx.Rngs(seed))
+    shard_model(model, mesh)
+    tok = tokenizer if tokenizer is not None else ASSETS / spec.tokenizer_asset
+    return model._attach(tok, mesh, preset=spec.name)
+
+  @classmethod
+  def from_safetensors(
+      cls,
+      folder: str | Path,
+      *,
+      dtype: Any = None,
+      mesh: Mesh | None = None,
+      sharding: ShardingConfig | None = None,
+      tokenizer: TokenizerAdapter | str | Path | None = None,
+  ):
+    """Loads a Hugging Face folder (config.json, *.safetensors, tokenizer files)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+      raise FileNotFoundError(f"Model folder {folder} does not exist or is not a directory.")
+    return cls._from_folder(folder, dtype=dtype, mesh=mesh, sharding=sharding, tokenizer=tokenizer)
+
+  @classmethod
+  def _from_folder(cls, folder: Path, *, dtype, mesh, sharding, tokenizer):
+    ours = folder / PRESET_FILE
+    if ours.exists():
+      meta = json.loads(ours.read_text())
+      target = cls if cls.family else _class_for_family(meta["family"])
+      _check_family(target, meta["family"], folder)
+      config = _with(target.config_class.from_dict(meta["config"]), dtype=dtype, sharding=sharding)
+      _, params = family_for_model_type(config.to_hf_config()["model_type"])
+      model = load_hf_model(target, params.name_rules(config), folder, config, mesh=mesh)
+      if meta.get("lora"):
+        from easytunix.presets import lora_io
+
+        lora_io.load_adapters(model, folder, meta["lora"])
+    else:
+      hf = read_hf_config(folder)
+      model_cls, params = family_for_model_type(hf.get("model_type"))
+      family = _FAMILY_OF_CORE[model_cls.__name__]
+      target = cls if cls.family else _class_for_family(family)
+      _check_family(target, family, folder)
+      config = _with(target.config_class.from_hf_config(hf), dtype=dtype, sharding=sharding)
+      model = load_hf_model(target, params.name_rules(config), folder, config, mesh=mesh)
+    tok = tokenizer if tokenizer is not None else folder
+    return model._attach(tok, mesh, preset=str(folder))
+
+  def _attach(self, tokenizer, mesh: Mesh | None, preset: str):
+    if tokenizer is not None and not isinstance(tokenizer, TokenizerAdapter):
+      try:
+        tokenizer = TokenizerAdapter.from_pretrained(tokenizer)
+      except FileNotFoundError:
+        tokenizer = None
+    if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+      raise ValueError(
+          f"The tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is {self.config.vocab_size}."
+      )
+    self.tokenizer = tokenizer
+    self.mesh = mesh
+    self.preset = preset
+    return self
+
+  @property
+  def sharding(self) -> ShardingConfig:
+    """The logical ShardingConfig of this model's parameters."""
+    return self.config.sharding
+
+  # ---------------------------------------------------------------- saving
+  def save_to_preset(self, folder: str | Path) -> Path:
+    """Writes a folder that ``from_preset(folder)`` restores exactly (LoRA adapters included)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _, params = family_for_model_type(self.config.to_hf_config()["model_type"])
+    save_hf_folder(self, folder, params.name_rules(self.config), self.config.to_hf_config())
+    meta = {"family": self.family, "config": self.config.to_dict(), "format_version": 1}
+    from easytunix.presets import lora_io
+
+    lora = lora_io.save_adapters(self, folder)
+    if lora:
+      meta["lora"] = lora
+    (folder / PRESET_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    self._save_tokenizer(folder)
+    return folder
+
+  def export_safetensors(self, folder: str | Path, merge_lora: bool = True) -> Path:
+    """Writes a Hugging Face folder that transformers' ``from_pretrained`` loads.
+
+    Args:
+      folder: destination.
+      merge_lora: fold LoRA adapters into the exported weights (the model itself is unchanged).
+        With False, adapters are an error: transformers would silently drop them.
+    """
+    from easytunix.presets import lora_io
+
+    model = self
+    if lora_io.has_adapters(self):
+      if not merge_lora:
+        raise ValueError(
+            "This model has LoRA adapters; export_safetensors(merge_lora=False) would drop them. "
+            "Use merge_lora=True, or save_to_preset to keep the adapters separate."
+        )
+      model = lora_io.merged_copy(self)
+    folder = Path(folder)
+    _, params = family_for_model_type(self.config.to_hf_config()["model_type"])
+    save_hf_folder(model, folder, params.name_rules(self.config), self.config.to_hf_config())
+    self._save_tokenizer(folder)
+    return folder
+
+  def _save_tokenizer(self, folder: Path) -> None:
+    tok = getattr(self, "tokenizer", None)
+    source = Path(tok.name_or_path) if tok is not None and tok.name_or_path else None
+    if source is None or not source.exists():
+      return
+    source = source if source.is_dir() else source.parent
+    for name in _TOKENIZER_FILES:
+      if (source / name).exists() and (source / name).resolve() != (folder / name).resolve():
+        shutil.copy(source / name, folder / name)
+
+  # ---------------------------------------------------------------- inspection
+  def summary(self, print_fn=print) -> str:
+    """Parameters per block, trainable vs frozen, LoRA adapters; printed and returned."""
+    from easytunix.presets import lora_io
+
+    rows: dict[str, list[int]] = {}
+    lora_on = lora_io.has_adapters(self)
+    for path, var in nnx.iter_graph(self):
+      if not isinstance(var, nnx.Param):
+        continue
+      parts = [str(p) for p in path]
+      block = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+      n = int(np.prod(var.get_value().shape))
+      row = rows.setdefault(block, [0, 0, 0])
+      if isinstance(var, nnx.LoRAParam):
+        row[2] += n
+      else:
+        row[0] += n
+    total_base = sum(r[0] for r in rows.values())
+    total_lora = sum(r[2] for r in rows.values())
+    trainable = total_lora if lora_on else total_base
+    c = self.config
+    lines = [
+        f'{type(self).__name__} "{getattr(self, "preset", "")}": {c.num_layers} layers, width {c.hidden_size}, '
+        f"{c.num_heads} heads ({c.num_kv_heads} KV), vocab {c.vocab_size}, dtype {np.dtype(c.param_dtype).name}"
+        + (f", MoE {c.num_experts}x top-{c.num_experts_per_tok}" if c.num_experts else ""),
+        f"{'block':<14}{'parameters':>14}{'LoRA':>12}",
+    ]
+    for block, (base, _, lora) in rows.items():
+      lines.append(f"{block:<14}{base:>14,}{lora:>12,}")
+    lines.append(f"{'total':<14}{total_base:>14,}{total_lora:>12,}")
+    lines.append(
+        f"trainable: {trainable:,}   frozen: {total_base + total_lora - trainable:,}"
+        + ("   (LoRA: only adapters train)" if lora_on else "   (full fine-tuning)")
+    )
+    text = "\n".join(lines)
+    if print_fn is not None:
+      print_fn(text)
+    return text
+
+
+def _with(config: DecoderConfig, *, dtype=None, sharding=None) -> DecoderConfig:
+  changes = {}
+  if dtype is not None:
+    changes.update(dtype=to_dtype(dtype), param_dtype=to_dtype(dtype))
+  if sharding is not None:
+    changes["sharding"] = sharding
+  return config.replace(**changes) if changes else config
+
+
+_FAMILY_OF_CORE = {"Llama3": "llama3", "Qwen3": "qwen3", "Transformer": "gemma", "Gemma3": "gemma3"}
+
+
+def _class_for_family(family: str):
+  from easytunix.presets import models
+
+  return models.BY_FAMILY[family]
+
+
+def _check_family(cls, family: str, folder: Path) -> None:
+  if cls.family and cls.family != family:
+    right = _class_for_family(family).__name__
+    raise ValueError(
+        f"{folder} holds a {family} model; load it with easytunix.presets.{right} "
+        f"(or easytunix.presets.CausalLM, which picks the family), not {cls.__name__}."
+    )
