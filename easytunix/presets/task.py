@@ -46,10 +46,26 @@ def facade_state(model: nnx.Module) -> dict[str, Any]:
   return _STATE.setdefault(model, {})
 
 
+_FACADE_ATTRS = frozenset({"tokenizer", "mesh", "preset", "stop_training"})
+
+
 class CausalLMTask:
   """Keras-style entry points shared by every family's preset class."""
 
   family: ClassVar[str] = ""
+
+  # Facade attributes live in side-state, so the module's graph (and every jit
+  # cache keyed on it) stays the same when a callback sets ``stop_training``.
+  def __setattr__(self, name: str, value: Any) -> None:
+    if name in _FACADE_ATTRS:
+      facade_state(self)[name] = value
+    else:
+      super().__setattr__(name, value)
+
+  def __getattr__(self, name: str) -> Any:
+    if name in _FACADE_ATTRS:
+      return facade_state(self).get(name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
   # ---------------------------------------------------------------- loading
   @classmethod
@@ -152,6 +168,162 @@ class CausalLMTask:
   def sharding(self) -> ShardingConfig:
     """The logical ShardingConfig of this model's parameters."""
     return self.config.sharding
+
+  # ---------------------------------------------------------------- training
+  def compile(
+      self,
+      optimizer: Any = "adamw",
+      learning_rate: Any = 1e-3,
+      *,
+      trainer: str = "sft",
+      lora_rank: int | None = None,
+      lora_alpha: float | None = None,
+      lora_targets: Any = None,
+      max_length: int = 256,
+      gradient_accumulation_steps: int = 1,
+      checkpoint_dir: str | Path | None = None,
+      weight_decay: float | None = None,
+      warmup_steps: int = 0,
+      schedule: str = "constant",
+      decay_steps: int | None = None,
+      max_grad_norm: float | None = 1.0,
+      eval_every_n_steps: int | None = None,
+      log_dir: str | Path | None = None,
+      distill: Any = None,
+      teacher: Any = None,
+      **trainer_options: Any,
+  ):
+    """Chooses how ``fit`` trains: trainer, optimizer, LoRA, lengths, checkpoints.
+
+    Args:
+      optimizer: "adamw", "adam", "sgd", "adafactor", "lion" or an optax transformation.
+      learning_rate: a float or an optax schedule.
+      trainer: "sft", "dpo", "distill" or "grpo".
+      lora_rank: add LoRA adapters of this rank (then only they train); None: full fine-tuning.
+      lora_alpha: LoRA scale numerator (default: the rank, a scale of 1).
+      lora_targets: projection names or path regexes (default: every attention and MLP projection).
+      max_length: tokens per training row (longer examples are truncated, with a warning).
+      gradient_accumulation_steps: micro-batches per optimizer step (exact, token-weighted).
+      checkpoint_dir: save checkpoints here and resume from the newest one.
+      weight_decay: AdamW weight decay.
+      warmup_steps / schedule / decay_steps: learning-rate warm-up and "constant", "cosine" or "linear" decay.
+      max_grad_norm: clip gradients to this global norm (None: no clipping).
+      eval_every_n_steps: also evaluate ``validation_data`` every this many steps.
+      log_dir: TensorBoard folder for the trainer's own metrics.
+      distill / teacher: the strategy and teacher model of ``trainer="distill"``.
+      **trainer_options: the chosen trainer's options (e.g. ``beta`` for DPO).
+
+    Returns:
+      The model, so ``Qwen3.from_preset(...).compile(...)`` chains.
+    """
+    from easytunix.presets import training
+
+    if trainer not in training.TRAINERS:
+      raise ValueError(f"Unknown trainer {trainer!r}; choose one of {training.TRAINERS}.")
+    if trainer == "distill" and (teacher is None or distill is None):
+      missing = [n for n, v in (("teacher", teacher), ("distill", distill)) if v is None]
+      raise ValueError(
+          f"compile(trainer='distill') needs {' and '.join(missing)}: e.g. "
+          "compile(trainer='distill', teacher=teacher_model, distill=LogitStrategy(temperature=2.0))."
+      )
+    if trainer != "distill" and (teacher is not None or distill is not None):
+      raise ValueError("teacher= and distill= are options of trainer='distill'.")
+    options = training.check_trainer_options(trainer, trainer_options)
+    if not isinstance(max_length, int) or max_length < 2:
+      raise ValueError(f"max_length must be an int >= 2, got {max_length!r}.")
+    if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps <= 0:
+      raise ValueError(f"gradient_accumulation_steps must be a positive int, got {gradient_accumulation_steps!r}.")
+    opt = training.build_optimizer(optimizer, learning_rate, weight_decay, warmup_steps, decay_steps, schedule)
+    if lora_rank is not None:
+      self.enable_lora(lora_rank, alpha=lora_alpha, targets=lora_targets)
+    elif lora_alpha is not None or lora_targets is not None:
+      raise ValueError("lora_alpha and lora_targets need lora_rank.")
+    spec = training.CompileSpec(
+        trainer=trainer, optimizer=opt, max_length=max_length, gradient_accumulation_steps=gradient_accumulation_steps,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, max_grad_norm=max_grad_norm,
+        eval_every_n_steps=eval_every_n_steps, log_dir=str(log_dir) if log_dir else None, teacher=teacher,
+        distill=distill, options=options,
+    )
+    training.validate_spec(self, spec)
+    state = facade_state(self)
+    if state.get("trainer") is not None:
+      state["trainer"].close()
+    state["compiled"] = spec
+    state["trainer"] = None
+    return self
+
+  def _compiled(self, what: str):
+    spec = facade_state(self).get("compiled")
+    if spec is None:
+      raise RuntimeError(
+          f"Call compile() before {what}(): e.g. model.compile(trainer='sft', learning_rate=1e-3, lora_rank=8)."
+      )
+    return spec
+
+  def fit(self, data: Any, epochs: int = 1, steps: int | None = None, batch_size: int = 8,
+          validation_data: Any = None, callbacks: list | None = None, shuffle: bool = True, seed: int = 0,
+          verbose: int = 1):
+    """Trains on ``data`` and returns a ``History`` (``history.history["loss"]``: one value per epoch).
+
+    Args:
+      data: a list of strings; a list of dicts (``text``; ``prompt``+``completion``; ``messages``;
+        DPO's ``prompt``+``chosen``+``rejected``; GRPO's ``prompt``); a .jsonl/.json/.csv/.parquet
+        path; a ``datasets.Dataset``; or an iterable of ``TrainingInput`` batches.
+      epochs: passes over the data.
+      steps: stop after this many optimizer steps instead (epochs are extended as needed).
+      batch_size: examples per micro-batch.
+      validation_data: evaluated at the end of every epoch (``val_loss`` in the logs).
+      callbacks: ``easytunix.callbacks.Callback`` instances.
+      shuffle: reshuffle every epoch (deterministically from ``seed``).
+      seed: data order seed.
+      verbose: 1 shows a progress bar, 0 is silent.
+    """
+    from easytunix.presets import training
+
+    spec = self._compiled("fit")
+    return training.fit(self, spec, facade_state(self), data, epochs=epochs, steps=steps, batch_size=batch_size,
+                        validation_data=validation_data, callbacks=callbacks, shuffle=shuffle, seed=seed,
+                        verbose=verbose)
+
+  def evaluate(self, data: Any, batch_size: int = 8) -> dict[str, float]:
+    """The compiled trainer's loss (and its metrics, e.g. perplexity) on ``data``."""
+    from easytunix.presets import training
+
+    return training.evaluate(self, self._compiled("evaluate"), facade_state(self), data, batch_size)
+
+  def generate(self, prompts: str | list[str], max_length: int = 64, sampler: str = "greedy", *,
+               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+               beam_size: int | None = None, seed: int | None = None, stream: bool = False,
+               strip_prompt: bool = True, chat: bool = False):
+    """Continues each prompt by up to ``max_length`` new tokens.
+
+    A string gives a string, a list gives a list; ``stream=True`` gives an
+    iterator of the new text per step. ``sampler`` is "greedy", "top_p",
+    "top_k", "random" or "beam". ``chat=True`` wraps each prompt as a user turn
+    of the tokenizer's chat template.
+    """
+    from easytunix.presets import generation
+
+    return generation.generate(self, facade_state(self), prompts, max_length=max_length, sampler=sampler,
+                               temperature=temperature, top_p=top_p, top_k=top_k, beam_size=beam_size, seed=seed,
+                               stream=stream, strip_prompt=strip_prompt, chat=chat)
+
+  def enable_lora(self, rank: int, alpha: float | None = None, targets: Any = None, seed: int = 0):
+    """Adds LoRA adapters (only they train from then on); returns the model."""
+    from easytunix.presets import lora_io
+    from easytunix.sft.lora import DEFAULT_TARGETS, apply_lora
+
+    if lora_io.has_adapters(self):
+      raise ValueError("This model already has LoRA adapters; merge them (merge_lora) before adding new ones.")
+    apply_lora(self, rank, alpha, targets if targets is not None else DEFAULT_TARGETS, seed=seed)
+    return self
+
+  def merge_lora(self):
+    """Folds the LoRA adapters into the base weights (then all parameters train again); returns the model."""
+    from easytunix.sft.lora import merge_lora
+
+    merge_lora(self)
+    return self
 
   # ---------------------------------------------------------------- saving
   def save_to_preset(self, folder: str | Path) -> Path:

@@ -1,0 +1,81 @@
+"""Feature pooling distillation: match the hidden states of chosen layers, pooled to a common shape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from easytunix.distillation.strategies.base_strategy import (
+    IntermediateStrategy,
+    ModelForwardCallable,
+    adaptive_avg_pool,
+    cosine_distance,
+    masked_mean,
+)
+
+
+def pool_features(student: jax.Array, teacher: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Average-pools [B, L, T, D] features of both models to the smaller layer count and width."""
+  num_layers = min(student.shape[1], teacher.shape[1])
+  width = min(student.shape[-1], teacher.shape[-1])
+  pool = lambda x: adaptive_avg_pool(adaptive_avg_pool(x, num_layers, 1), width, -1)  # noqa: E731
+  return pool(student), pool(teacher)
+
+
+class FeaturePoolingStrategy(IntermediateStrategy):
+  """``loss = alpha * feature_loss + (1 - alpha) * task_loss`` on pooled layer outputs.
+
+  The output of every ``feature_layer`` module (the hidden state, for a decoder
+  layer) is captured in both models and stacked to [B, L, T, D]. Both stacks
+  are average-pooled to the smaller number of layers (neighbouring layers
+  averaged) and the smaller width (neighbouring channels averaged); the
+  default feature loss is the cosine distance along ``cosine_distance_axis``,
+  averaged over real tokens and layers. No parameters are added.
+
+  Args:
+    student_forward_fn / teacher_forward_fn / labels_fn: see :class:`BaseStrategy`.
+    feature_layer: the module class whose outputs are matched (None: easytunix's
+      decoder layer).
+    alpha: weight of the feature loss; the task loss gets ``1 - alpha``.
+    feature_loss_fn: ``fn(student_features, teacher_features[, mask=...]) -> scalar`` on the pooled
+      [B, L, T, D] features (padding zeroed), instead of the cosine distance.
+    cosine_distance_axis: axis (of [B, L, T, D]) of the default cosine distance.
+  """
+
+  maps_key = "features"
+
+  def __init__(
+      self,
+      student_forward_fn: ModelForwardCallable[jax.Array] | None = None,
+      teacher_forward_fn: ModelForwardCallable[jax.Array] | None = None,
+      labels_fn: Callable[..., Any] | None = None,
+      feature_layer: type[nnx.Module] | None = None,
+      alpha: float = 0.75,
+      feature_loss_fn: Callable[..., jax.Array] | None = None,
+      cosine_distance_axis: int | tuple[int, ...] = -1,
+  ):
+    if feature_layer is None:
+      from easytunix.models.base import DecoderLayer
+
+      feature_layer = DecoderLayer
+    super().__init__(student_forward_fn, teacher_forward_fn, labels_fn, feature_layer, alpha, feature_loss_fn)
+    self.feature_layer = feature_layer
+    self.cosine_distance_axis = cosine_distance_axis
+
+  def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array) -> jax.Array:
+    student, teacher = pool_features(student_maps, teacher_maps)
+    token_weights = lambda m: m[:, None, :, None]  # noqa: E731  [B, T] -> [B, 1, T, 1]
+    if self.loss_fn is not None:
+      return self.custom_loss(student, teacher, token_mask, token_weights)
+    # Padded tokens are zeroed, so a distance taken across tokens ignores them too.
+    weights = jnp.broadcast_to(token_weights(token_mask.astype(jnp.float32)), student.shape)
+    distance = cosine_distance(student * weights, teacher * weights, axis=self.cosine_distance_axis)
+    weights = weights.max(axis=self.cosine_distance_axis)
+    return masked_mean(distance, weights)
+
+
+__all__ = ["FeaturePoolingStrategy", "pool_features"]

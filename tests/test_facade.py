@@ -1,0 +1,188 @@
+"""The Keras-style facade: from_preset -> compile -> fit -> generate, callbacks, export, errors."""
+
+import math
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from easytunix import callbacks
+from easytunix.presets import CausalLM, Gemma3, Llama3, Qwen3, list_presets
+
+TEXTS = [f"the {w} cat sat on the {v} mat." for w in ("red", "big", "old", "shy") for v in ("blue", "soft", "flat", "warm")]
+
+
+def _losses():
+  seen = []
+  return seen, callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(logs["loss"]))
+
+
+def test_three_line_finetune_loss_falls():
+  seen, cb = _losses()
+  m = Qwen3.from_preset("qwen3_tiny")
+  m.compile(trainer="sft", lora_rank=8, learning_rate=1e-2)
+  history = m.fit(TEXTS * 4, epochs=1, batch_size=8, callbacks=[cb], verbose=0)
+  assert len(seen) == 8 and all(math.isfinite(x) for x in seen)
+  assert np.mean(seen[-3:]) < np.mean(seen[:3]) - 0.3, seen
+  assert list(history.history) == ["loss"] and len(history.history["loss"]) == 1
+
+
+@pytest.fixture(scope="module")
+def tuned():
+  """A qwen3_tiny fine-tuned with LoRA for a few steps (shared by several tests)."""
+  m = Qwen3.from_preset("qwen3_tiny", seed=1)
+  m.compile(trainer="sft", lora_rank=4, learning_rate=1e-2)
+  m.fit(TEXTS, epochs=2, batch_size=8, verbose=0)
+  return m
+
+
+def test_user_callback_sees_loss_every_step_and_epoch_logs(tuned):
+  batches, epochs = [], []
+
+  class Spy(callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+      batches.append((batch, logs["loss"], logs["step"]))
+
+    def on_epoch_end(self, epoch, logs=None):
+      epochs.append((epoch, logs))
+
+  tuned.fit(TEXTS, epochs=2, batch_size=8, validation_data=TEXTS[:8], callbacks=[Spy()], verbose=0)
+  assert [b for b, _, _ in batches] == [0, 1, 0, 1]
+  assert [s for _, _, s in batches] == sorted(s for _, _, s in batches)
+  assert [e for e, _ in epochs] == [0, 1]
+  assert {"loss", "val_loss", "val_perplexity"} <= set(epochs[0][1])
+
+
+def test_early_stopping_stops_and_restores_best():
+  m = Qwen3.from_preset("qwen3_tiny", seed=2)
+  # A learning rate far too high makes the validation loss rise after the first epoch.
+  m.compile(trainer="sft", learning_rate=5.0, optimizer="sgd", max_grad_norm=None)
+  stop = callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
+  history = m.fit(TEXTS, epochs=10, batch_size=16, validation_data=TEXTS[:8], callbacks=[stop], verbose=0)
+  assert stop.stopped_epoch is not None and len(history.history["loss"]) < 10
+  assert m.evaluate(TEXTS[:8])["loss"] == pytest.approx(stop.best, rel=1e-4)
+
+
+def test_model_checkpoint_save_best_only_keeps_best(tmp_path):
+  m = Qwen3.from_preset("qwen3_tiny", seed=3)
+  m.compile(trainer="sft", learning_rate=1e-2)
+  ckpt = callbacks.ModelCheckpoint(tmp_path / "best", monitor="val_loss", save_best_only=True)
+  history = m.fit(TEXTS, epochs=3, batch_size=16, validation_data=TEXTS[:8], callbacks=[ckpt], verbose=0)
+  best = min(history.history["val_loss"])
+  assert ckpt.best == pytest.approx(best)
+  fresh = Qwen3.from_preset("qwen3_tiny", seed=3)
+  fresh.compile(trainer="sft")
+  callbacks.ModelCheckpoint.restore(fresh, tmp_path / "best")
+  assert fresh.evaluate(TEXTS[:8])["loss"] == pytest.approx(best, rel=1e-4)
+
+
+def test_terminate_on_nan_keeps_checkpoint_before_nan(tmp_path):
+  m = Qwen3.from_preset("qwen3_tiny", seed=4)
+  m.compile(trainer="sft", optimizer="sgd", learning_rate=1e12, max_grad_norm=None)
+  ckpt = callbacks.ModelCheckpoint(tmp_path / "step_{step}", save_freq=1, monitor="loss")
+  seen, spy = _losses()
+  m.fit(TEXTS * 4, epochs=5, batch_size=8, callbacks=[spy, callbacks.TerminateOnNaN(), ckpt], verbose=0)
+  assert not math.isfinite(seen[-1]) and all(math.isfinite(x) for x in seen[:-1])
+  assert len(seen) < 40
+  # The loss of step k is computed with the weights saved after step k - 1: the
+  # last checkpoint whose loss was finite is the one before the NaN step's weights.
+  assert len(seen) >= 3, seen
+  before = [p for p in ckpt.saved if p.endswith(f"step_{len(seen) - 2}")]
+  assert before, ckpt.saved
+  fresh = Qwen3.from_preset("qwen3_tiny", seed=4)
+  callbacks.ModelCheckpoint.restore(fresh, before[0])
+  logits, _ = fresh(jnp.ones((1, 4), jnp.int32))
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_generate_shapes_and_streaming(tuned):
+  one = tuned.generate("the red cat", max_length=6)
+  many = tuned.generate(["the red cat", "the old"], max_length=6)
+  assert isinstance(one, str) and isinstance(many, list) and len(many) == 2
+  assert many[0] == one
+  pieces = list(tuned.generate("the red cat", max_length=6, stream=True))
+  assert "".join(pieces) == one
+  sampled = tuned.generate(["the red cat"] * 2, max_length=6, sampler="top_p", seed=3, temperature=1.0)
+  assert sampled == tuned.generate(["the red cat"] * 2, max_length=6, sampler="top_p", seed=3, temperature=1.0)
+
+
+def test_export_merged_lora_loads_in_transformers(tuned, tmp_path):
+  torch = pytest.importorskip("torch")
+  import transformers
+
+  folder = tuned.export_safetensors(tmp_path / "hf", merge_lora=True)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+  tokens = np.array([tuned.tokenizer.encode("the red cat sat on")], np.int32)
+  with torch.no_grad():
+    expected = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  got = np.asarray(tuned(jnp.asarray(tokens))[0])
+  assert np.abs(got - expected).max() <= 1e-4
+  assert transformers.AutoTokenizer.from_pretrained(folder)("the red cat")["input_ids"] == tuned.tokenizer.encode("the red cat")
+  with pytest.raises(ValueError, match="would drop them"):
+    tuned.export_safetensors(tmp_path / "nolora", merge_lora=False)
+
+
+def test_save_to_preset_round_trip_with_adapters(tuned, tmp_path):
+  folder = tuned.save_to_preset(tmp_path / "preset")
+  again = CausalLM.from_preset(folder)
+  assert type(again) is Qwen3
+  tokens = jnp.asarray([tuned.tokenizer.encode("the big cat")])
+  np.testing.assert_array_equal(np.asarray(again(tokens)[0]), np.asarray(tuned(tokens)[0]))
+  assert "LoRA" in again.summary(print_fn=None)
+
+
+def test_presets_listing_and_families():
+  names = list_presets()
+  for tiny in ("gemma_tiny", "gemma3_tiny", "llama3_tiny", "qwen3_tiny", "qwen3_moe_tiny"):
+    assert tiny in names
+  assert type(CausalLM.from_preset("gemma3_tiny")) is Gemma3
+  a = Llama3.from_preset("llama3_tiny", seed=5)
+  b = Llama3.from_preset("llama3_tiny", seed=5)
+  np.testing.assert_array_equal(np.asarray(a.embedder.embedding[...]), np.asarray(b.embedder.embedding[...]))
+
+
+def test_error_messages(tmp_path):
+  with pytest.raises(ValueError, match=r"Unknown preset 'qwen3_tiyn'.*Did you mean 'qwen3_tiny'"):
+    Qwen3.from_preset("qwen3_tiyn")
+  with pytest.raises(ValueError, match=r"'gemma3_tiny' is a gemma3 preset.*Gemma3\.from_preset"):
+    Qwen3.from_preset("gemma3_tiny")
+  m = Qwen3.from_preset("qwen3_tiny")
+  with pytest.raises(RuntimeError, match=r"Call compile\(\) before fit\(\)"):
+    m.fit(TEXTS)
+  with pytest.raises(ValueError, match=r"Unknown trainer 'ppo'"):
+    m.compile(trainer="ppo")
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['beta'\].*options of trainer \['dpo', 'grpo'\]"):
+    m.compile(trainer="sft", beta=0.1)
+  with pytest.raises(ValueError, match=r"trainer='distill'\) needs teacher and distill"):
+    m.compile(trainer="distill")
+  m.compile(trainer="sft")
+  with pytest.raises(ValueError, match=r"record 1 does not fit trainer='sft'.*found keys \['answer', 'question'\]"):
+    m.fit([{"text": "ok"}, {"question": "q", "answer": "a"}])
+
+
+def test_truncation_warns_and_refuses_to_drop_a_whole_completion():
+  m = Qwen3.from_preset("qwen3_tiny")
+  m.compile(trainer="sft", max_length=16)
+  long_text = "word " * 40
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    m.fit([long_text] * 8 + ["short"] * 8, batch_size=8, verbose=0)
+  assert any("8 of 16 examples" in str(w.message) and "truncated" in str(w.message) for w in caught)
+  with pytest.raises(ValueError, match="no completion token left after truncation"):
+    m.fit([{"prompt": long_text, "completion": "yes"}] * 8, batch_size=8, verbose=0)
+
+
+def test_compile_distill_behind_the_facade():
+  from easytunix.distillation import LogitStrategy
+
+  teacher = Qwen3.from_preset("qwen3_tiny", seed=7)
+  student = Qwen3.from_preset("qwen3_tiny", seed=8, num_layers=1)
+  seen, spy = _losses()
+  student.compile(trainer="distill", teacher=teacher, distill=LogitStrategy(temperature=1.0, alpha=0.0),
+                  learning_rate=1e-2)
+  student.fit(TEXTS, epochs=3, batch_size=8, callbacks=[spy], verbose=0)
+  assert np.mean(seen[-2:]) < np.mean(seen[:2]), seen
+  other = Gemma3.from_preset("gemma3_tiny")
+  with pytest.raises(ValueError, match="teacher's tokenizer"):
+    student.compile(trainer="distill", teacher=other, distill=LogitStrategy())
