@@ -1,0 +1,128 @@
+"""Training metrics: TensorBoard event files, an in-memory history and a progress bar."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsLoggerOptions:
+  """Where and how often metrics are written.
+
+  Attributes:
+    log_dir: folder for TensorBoard event files (None: keep metrics in memory only).
+    flush_every_n_steps: flush the event file every this many logged steps.
+  """
+
+  log_dir: str | None = None
+  flush_every_n_steps: int = 100
+
+  def __post_init__(self):
+    if not isinstance(self.flush_every_n_steps, int) or self.flush_every_n_steps <= 0:
+      raise ValueError(f"flush_every_n_steps must be a positive int, got {self.flush_every_n_steps!r}.")
+
+
+def _scalar(value: Any) -> float | None:
+  """A Python float for a 0-d number or array; None for anything else."""
+  if isinstance(value, numbers.Number):
+    return float(value)
+  arr = np.asarray(value)
+  if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
+    return float(arr)
+  return None
+
+
+class MetricsLogger:
+  """Logs scalars under ``"<mode>/<name>"`` tags (``train/loss``, ``eval/loss``...).
+
+  Every value is kept in :attr:`history` (``{tag: [(step, value), ...]}``) and,
+  when ``options.log_dir`` is set, written to a tensorboardX event file there.
+  """
+
+  def __init__(self, options: MetricsLoggerOptions | None = None):
+    self.options = options or MetricsLoggerOptions()
+    self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    self._writer = None
+    self._since_flush = 0
+    if self.options.log_dir:
+      from tensorboardX import SummaryWriter
+
+      self._writer = SummaryWriter(logdir=self.options.log_dir, flush_secs=3600)
+
+  def log(self, name: str, value: Any, step: int, mode: str = "train") -> None:
+    """Records one scalar; values that are not 0-d numbers are ignored."""
+    scalar = _scalar(value)
+    if scalar is None:
+      return
+    tag = f"{mode}/{name}"
+    self.history[tag].append((int(step), scalar))
+    if self._writer is not None:
+      self._writer.add_scalar(tag, scalar, int(step))
+
+  def log_dict(self, metrics: dict[str, Any], step: int, mode: str = "train") -> None:
+    """Logs every scalar of ``metrics`` and counts one step towards the next flush."""
+    for name, value in metrics.items():
+      self.log(name, value, step, mode)
+    self._since_flush += 1
+    if self._since_flush >= self.options.flush_every_n_steps:
+      self.flush()
+
+  def latest(self, name: str, mode: str = "train") -> float | None:
+    """The most recent value logged under ``mode/name``, or None."""
+    values = self.history.get(f"{mode}/{name}")
+    return values[-1][1] if values else None
+
+  def values(self, name: str, mode: str = "train") -> list[float]:
+    """Every value logged under ``mode/name``, in order."""
+    return [v for _, v in self.history.get(f"{mode}/{name}", [])]
+
+  def flush(self) -> None:
+    self._since_flush = 0
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+      self._writer.close()
+      self._writer = None
+
+
+def perplexity(loss: float) -> float:
+  """``exp(loss)``, capped to stay finite."""
+  return math.exp(min(loss, 80.0))
+
+
+class ProgressBar:
+  """A tqdm bar over optimizer steps showing loss and tokens/s (disabled with ``enabled=False``)."""
+
+  def __init__(self, total: int | None, initial: int = 0, description: str = "Training", enabled: bool = True):
+    self._bar = None
+    if enabled:
+      from tqdm.auto import tqdm
+
+      self._bar = tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)
+
+  def update(self, step: int, metrics: dict[str, float]) -> None:
+    if self._bar is None:
+      return
+    shown = {}
+    for key in ("loss", "eval_loss", "tokens_per_second"):
+      if metrics.get(key) is not None:
+        shown[key.replace("tokens_per_second", "tok/s")] = f"{metrics[key]:.4g}"
+    self._bar.set_postfix(shown, refresh=False)
+    self._bar.update(max(0, step - self._bar.n))
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+
+__all__ = ["MetricsLogger", "MetricsLoggerOptions", "ProgressBar", "perplexity"]

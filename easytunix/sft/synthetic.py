@@ -1,0 +1,107 @@
+"""Small tasks with checkable answers, for tests and quick experiments.
+
+Each task is a fixed-seed list of prompt/completion records split into train
+and held-out parts that share no prompt; :func:`exact_match` scores generations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTask:
+  """A task's records (``{"prompt", "completion"}`` dicts).
+
+  Attributes:
+    name: what the task is.
+    train: training records.
+    eval: held-out records (no prompt in common with ``train``).
+  """
+
+  name: str
+  train: list[dict[str, str]]
+  eval: list[dict[str, str]]
+
+  @property
+  def eval_prompts(self) -> list[str]:
+    return [r["prompt"] for r in self.eval]
+
+  @property
+  def eval_answers(self) -> list[str]:
+    return [r["completion"] for r in self.eval]
+
+  def score(self, predictions: Sequence[str]) -> float:
+    """Exact-match accuracy of ``predictions`` against the held-out completions."""
+    return exact_match(predictions, self.eval_answers)
+
+
+def _split(records: list[dict[str, str]], num_train: int | None, num_eval: int, seed: int, name: str) -> SyntheticTask:
+  order = np.random.default_rng(seed).permutation(len(records))
+  if num_eval >= len(records):
+    raise ValueError(f"num_eval={num_eval} leaves no training data out of {len(records)} examples.")
+  held_out = [records[i] for i in order[:num_eval]]
+  rest = [records[i] for i in order[num_eval:]]
+  if num_train is not None:
+    if num_train > len(rest):
+      raise ValueError(f"num_train={num_train} exceeds the {len(rest)} examples left after the held-out split.")
+    rest = rest[:num_train]
+  return SyntheticTask(name=name, train=rest, eval=held_out)
+
+
+def addition_task(
+    num_train: int | None = None, num_eval: int = 500, seed: int = 0, max_operand: int = 99
+) -> SyntheticTask:
+  """``"12+7="`` -> ``"19"`` for every pair of operands in ``[0, max_operand]``.
+
+  All ``(max_operand + 1) ** 2`` pairs are shuffled with ``seed``; the first
+  ``num_eval`` are held out and the rest (or ``num_train`` of them) train.
+  """
+  records = [
+      {"prompt": f"{a}+{b}=", "completion": str(a + b)}
+      for a in range(max_operand + 1)
+      for b in range(max_operand + 1)
+  ]
+  return _split(records, num_train, num_eval, seed, f"addition(0..{max_operand})")
+
+
+def reversal_task(
+    num_train: int = 4000,
+    num_eval: int = 500,
+    seed: int = 0,
+    min_length: int = 3,
+    max_length: int = 6,
+    alphabet: str = string.ascii_lowercase,
+) -> SyntheticTask:
+  """``"abcd>"`` -> ``"dcba"``: distinct random strings, reversed."""
+  if not 0 < min_length <= max_length:
+    raise ValueError(f"Need 0 < min_length <= max_length, got {min_length} and {max_length}.")
+  rng = np.random.default_rng(seed)
+  wanted = num_train + num_eval
+  seen: dict[str, None] = {}
+  letters = np.array(list(alphabet))
+  for _ in range(wanted * 20):
+    if len(seen) == wanted:
+      break
+    n = int(rng.integers(min_length, max_length + 1))
+    seen["".join(rng.choice(letters, n))] = None
+  if len(seen) < wanted:
+    raise ValueError(f"Could not draw {wanted} distinct strings; lower num_train/num_eval or allow longer strings.")
+  records = [{"prompt": f"{s}>", "completion": s[::-1]} for s in seen]
+  return _split(records, num_train, num_eval, seed + 1, f"reversal({min_length}..{max_length})")
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+  """Fraction of predictions equal to their reference after stripping surrounding whitespace."""
+  if len(predictions) != len(references):
+    raise ValueError(f"Got {len(predictions)} predictions for {len(references)} references.")
+  if not references:
+    return 0.0
+  return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+
+
+__all__ = ["SyntheticTask", "addition_task", "exact_match", "reversal_task"]
