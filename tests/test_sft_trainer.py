@@ -87,7 +87,6 @@ def test_tiny_model_learns_two_digit_addition(tokenizer, task):
   accuracy = task.score(out.text)
   print(f"addition: {steps} steps in {elapsed:.1f}s, held-out exact match {accuracy:.3f}")
   assert accuracy >= 0.9, list(zip(task.eval_prompts, out.text))[:10]
-  assert elapsed < 120
 
 
 # ----------------------------------------------------------- accumulation, compilation

@@ -1,0 +1,24 @@
+"""The ``easytunix`` command line: quickstart, generate, presets."""
+
+import re
+
+from easytunix import cli
+
+
+def test_quickstart_improves_and_saves(tmp_path, capsys):
+  out = tmp_path / "qs"
+  assert cli.main(["quickstart", "--steps", "600", "--out", str(out)]) == 0
+  text = capsys.readouterr().out
+  before = float(re.search(r"Before: held-out exact match ([\d.]+)%", text).group(1))
+  after = float(re.search(r"After 600 steps .*exact match ([\d.]+)%", text).group(1))
+  assert after >= before + 30, text
+  assert (out / "easytunix_preset.json").exists()
+
+  assert cli.main(["generate", "--preset", str(out), "12+7=", "--max-length", "4"]) == 0
+  assert capsys.readouterr().out.startswith("12+7=")
+
+
+def test_presets_lists_tiny_and_real(capsys):
+  assert cli.main(["presets"]) == 0
+  text = capsys.readouterr().out
+  assert "qwen3_tiny" in text and "smollm2_135m_instruct" in text
