@@ -186,3 +186,17 @@ def test_compile_distill_behind_the_facade():
   other = Gemma3.from_preset("gemma3_tiny")
   with pytest.raises(ValueError, match="teacher's tokenizer"):
     student.compile(trainer="distill", teacher=other, distill=LogitStrategy())
+
+
+def test_compile_dpo_behind_the_facade():
+  from easytunix.rl.dpo.synthetic import answer_style_task
+
+  records = answer_style_task(num_train=64, num_eval=8, seed=0).train
+  m = Qwen3.from_preset("qwen3_tiny", seed=9)
+  m.compile(trainer="dpo", beta=0.5, lora_rank=4, learning_rate=1e-2, max_length=16)
+  accuracy = []
+  cb = callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: accuracy.append(logs["rewards/accuracy"]))
+  m.fit(records, epochs=2, batch_size=16, callbacks=[cb], verbose=0)
+  assert len(accuracy) == 8 and np.mean(accuracy[-2:]) > np.mean(accuracy[:2])
+  with pytest.raises(ValueError, match=r"expects keys 'prompt'\+'chosen'\+'rejected'; found keys \['chosen', 'prompt'\]"):
+    m.fit([{"prompt": "1+1=", "chosen": "2"}], verbose=0)

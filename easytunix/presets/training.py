@@ -33,7 +33,8 @@ _OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 # Options each trainer accepts through compile(**trainer_options).
 TRAINER_OPTIONS: dict[str, dict[str, Any]] = {
     "sft": {"use_chat_template": None},
-    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_prompt_length": None},
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_prompt_length": None,
+            "use_chat_template": False, "ref_model": None},
     "distill": {},
     "grpo": {"reward_fns": None, "reward_weights": None, "num_generations": 4, "num_iterations": 1, "beta": 0.04,
              "epsilon": 0.2, "loss_algo": "grpo", "max_new_tokens": 32, "temperature": 0.9, "top_p": 1.0,
@@ -225,7 +226,26 @@ def _validate_distill(model, spec: CompileSpec) -> None:
   check_compatible(model, spec.teacher, spec.distill)
 
 
-_TRAINER_BUILDERS: dict[str, Callable[..., PeftTrainer]] = {"sft": _build_sft, "distill": _build_distill}
+def _build_dpo(model, spec: CompileSpec, kwargs: dict[str, Any]) -> PeftTrainer:
+  from easytunix.rl.dpo.dpo_trainer import build_dpo_trainer
+
+  o = spec.options
+  return build_dpo_trainer(model, spec.optimizer, ref_model=o["ref_model"], beta=o["beta"], loss_type=o["loss_type"],
+                           label_smoothing=o["label_smoothing"], max_length=spec.max_length,
+                           max_prompt_length=o["max_prompt_length"], **kwargs)
+
+
+def _dpo_batches(model, spec: CompileSpec, records, batch_size: int, shuffle: bool, seed: int, name: str):
+  from easytunix.rl.dpo.data import dpo_batches
+
+  if records and not isinstance(records[0], dict):
+    return records
+  return dpo_batches(records, model.tokenizer, batch_size, spec.max_length, shuffle, seed,
+                     max_prompt_length=spec.options["max_prompt_length"], drop_remainder=False,
+                     use_chat_template=spec.options["use_chat_template"], name=name)
+
+
+_TRAINER_BUILDERS: dict[str, Callable[..., PeftTrainer]] = {"sft": _build_sft, "distill": _build_distill, "dpo": _build_dpo}
 
 
 def register_trainer(name: str, builder: Callable[..., PeftTrainer], batches: Callable[..., Any],
@@ -255,7 +275,7 @@ def _sft_batches(model, spec: CompileSpec, records, batch_size: int, shuffle: bo
   return dataset
 
 
-_BATCHES: dict[str, Callable[..., Any]] = {"sft": _sft_batches, "distill": _sft_batches}
+_BATCHES: dict[str, Callable[..., Any]] = {"sft": _sft_batches, "distill": _sft_batches, "dpo": _dpo_batches}
 
 
 def batches_for(model, spec: CompileSpec, data: Any, batch_size: int, shuffle: bool, seed: int, name: str):

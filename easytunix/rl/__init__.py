@@ -1,0 +1,1 @@
+"""Reinforcement learning and preference tuning on the shared training loop (DPO, ORPO, ...)."""

@@ -1,0 +1,315 @@
+"""The JAX sampler against transformers' generate on tiny random checkpoints, plus its own contracts.
+
+Samplers are shared per architecture (module fixture) so each compiles its
+programs once; most tests reuse the same shapes (batch bucket 4, prompt bucket
+16, 32 steps).
+"""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from easytunix.generate import CacheConfig, Sampler, SamplerOutput, TokenizerAdapter, sample_best, sample_top_p
+from easytunix.models import load_model
+from tests import hf_reference
+
+ASSETS = Path(__file__).resolve().parents[1] / "easytunix" / "presets" / "assets"
+# Token-id prompts of different lengths (left-padded into one batch).
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [100, 200, 300, 400, 17], [42, 43]]
+STEPS = 32
+UNLIKELY_EOS = [3]  # passed to both sides; a random tiny model rarely emits it
+TOKENIZER_OF = dict(llama3="tiny_bpe", qwen3="tiny_bpe", qwen3_moe="tiny_bpe", gemma="tiny_sp", gemma3="tiny_sp")
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_tiny):
+  """arch -> (sampler, torch model, easytunix model, folder), built once per module."""
+  built = {}
+
+  def get(arch):
+    if arch not in built:
+      folder, torch_model = hf_tiny(arch)
+      model = load_model(folder, dtype="float32")
+      tokenizer = TokenizerAdapter.from_pretrained(ASSETS / TOKENIZER_OF[arch])
+      sampler = Sampler(model, tokenizer, CacheConfig.for_model(model, cache_size=128, max_batch_size=8))
+      built[arch] = (sampler, torch_model, model, folder)
+    return built[arch]
+
+  return get
+
+
+def hf_generate(torch_model, prompts, eos, **kwargs):
+  """transformers' generate on left-padded prompts; returns each row's new tokens cut after its EOS."""
+  import torch
+
+  width = max(map(len, prompts))
+  ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+  mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # tiny models: threads only add overhead, and stall on a busy machine
+  try:
+    out = torch_model.generate(
+        input_ids=ids, attention_mask=mask, pad_token_id=0, eos_token_id=list(eos), return_dict_in_generate=True,
+        output_scores=True, **kwargs,
+    )
+  finally:
+    torch.set_num_threads(threads)
+  rows = []
+  for seq in out.sequences[:, width:].tolist():
+    cut = [i for i, t in enumerate(seq) if t in eos]
+    rows.append(seq[: cut[0] + 1] if cut else seq)
+  return rows, out
+
+
+@pytest.mark.parametrize("arch", hf_reference.ARCHITECTURES)
+def test_greedy_matches_transformers(tiny, arch):
+  import torch
+
+  sampler, torch_model, _, _ = tiny(arch)
+  expected, out = hf_generate(torch_model, PROMPTS, UNLIKELY_EOS, do_sample=False, max_new_tokens=STEPS)
+  got = sampler(PROMPTS, STEPS, eos_tokens=UNLIKELY_EOS, return_logprobs=True)
+  assert [t.tolist() for t in got.tokens] == expected
+  # The per-token log-probabilities are those of transformers' step logits.
+  hf_logprobs = torch.log_softmax(torch.stack(out.scores, 1), -1).numpy()
+  for row, tokens in enumerate(expected):
+    want = hf_logprobs[row, np.arange(len(tokens)), tokens]
+    np.testing.assert_allclose(got.logprobs[row], want, atol=2e-4)
+  assert got.padded_prompt_tokens.shape == (3, 16)
+  assert got.padded_prompt_tokens[2].tolist() == [0] * 14 + PROMPTS[2]
+
+
+def test_rows_stop_at_their_eos(tiny):
+  sampler, torch_model, _, _ = tiny("llama3")
+  free = sampler(PROMPTS, STEPS, eos_tokens=[])
+  assert all(len(t) == STEPS for t in free.tokens)
+  eos = [int(free.tokens[0][3]), int(free.tokens[1][6])]
+  got = sampler(PROMPTS, STEPS, eos_tokens=eos)
+  expected, _ = hf_generate(torch_model, PROMPTS, eos, do_sample=False, max_new_tokens=STEPS)
+  assert [t.tolist() for t in got.tokens] == expected
+  assert len(got.tokens[0]) <= 4 and got.tokens[0][-1] in eos
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_beam_search_matches_transformers(tiny, early_stopping):
+  sampler, torch_model, _, _ = tiny("llama3")
+  prompts = PROMPTS + [[40, 41, 300], [77] * 6]  # 5 prompts: the batch bucket (6) has a padding row
+  greedy = sampler(prompts, 16, eos_tokens=[])
+  # Stop tokens the beams actually meet, so finished hypotheses compete with running ones.
+  eos = sorted({int(t) for row in greedy.tokens for t in row[2:6]})[:2]
+  expected, _ = hf_generate(
+      torch_model, prompts, eos, do_sample=False, num_beams=3, max_new_tokens=16, early_stopping=early_stopping
+  )
+  got = sampler(prompts, 16, beam_size=3, eos_tokens=eos, early_stopping=early_stopping, return_logprobs=True)
+  assert [t.tolist() for t in got.tokens] == expected
+  assert any(len(t) < 16 for t in got.tokens), "no beam finished early: the test lost its EOS coverage"
+  assert all(len(lp) == len(t) and np.all(lp <= 0) for lp, t in zip(got.logprobs, got.tokens))
+
+
+def test_beam_size_one_is_greedy(tiny):
+  sampler, _, _, _ = tiny("llama3")
+  greedy = sampler(PROMPTS, 16, eos_tokens=[])
+  beam = sampler(PROMPTS, 16, eos_tokens=[], beam_size=1)
+  assert [t.tolist() for t in beam.tokens] == [t.tolist() for t in greedy.tokens]
+
+
+def test_sampling_is_deterministic_for_a_seed(tiny):
+  sampler, _, _, _ = tiny("llama3")
+  kw = dict(temperature=0.9, top_p=0.9, top_k=40, eos_tokens=[])
+  a = sampler(PROMPTS, STEPS, seed=7, **kw)
+  b = sampler(PROMPTS, STEPS, seed=7, **kw)
+  c = sampler(PROMPTS, STEPS, seed=8, **kw)
+  d, e = sampler(PROMPTS, STEPS, **kw), sampler(PROMPTS, STEPS, **kw)
+  assert [t.tolist() for t in a.tokens] == [t.tolist() for t in b.tokens]
+  assert [t.tolist() for t in a.tokens] != [t.tolist() for t in c.tokens]
+  assert [t.tolist() for t in d.tokens] != [t.tolist() for t in e.tokens]  # seed=None draws fresh keys
+  greedy = sampler(PROMPTS, STEPS, eos_tokens=[])
+  assert [t.tolist() for t in a.tokens] != [t.tolist() for t in greedy.tokens]
+
+
+def _filtered_distribution(logits, temperature, top_p, top_k):
+  """The reference: softmax(logits / T), keep top-k, then the smallest top-p nucleus, renormalise."""
+  z = np.asarray(logits, np.float64) / temperature
+  order = np.argsort(-z, kind="stable")
+  keep = np.zeros(z.shape, bool)
+  keep[order[: top_k or len(z)]] = True
+  p = np.where(keep, np.exp(z - z.max()), 0.0)
+  p /= p.sum()
+  if top_p is not None:
+    sorted_p = p[order]
+    mass_before = np.cumsum(sorted_p) - sorted_p
+    keep_sorted = mass_before < top_p
+    p = np.where(np.isin(np.arange(len(z)), order[keep_sorted]), p, 0.0)
+    p /= p.sum()
+  return p
+
+
+@pytest.mark.parametrize(
+    "temperature,top_p,top_k", [(0.7, None, 5), (1.3, 0.8, None), (1.0, 0.7, 6), (2.0, None, None)]
+)
+def test_sample_top_p_follows_the_filtered_distribution(temperature, top_p, top_k):
+  logits = jnp.asarray([2.0, 1.5, 1.2, 1.0, 0.6, 0.3, 0.0, -0.4, -1.0, -2.0, -3.0, 0.9])
+  n = 40_000
+  sample = jax.jit(lambda key: sample_top_p(jnp.broadcast_to(logits, (n, 12)), key, temperature, top_p, top_k))
+  draws = np.asarray(sample(jax.random.key(0)))
+  freq = np.bincount(draws, minlength=12) / n
+  want = _filtered_distribution(logits, temperature, top_p, top_k)
+  assert np.all(freq[want == 0] == 0), "sampled a token the filters remove"
+  total_variation = 0.5 * np.abs(freq - want).sum()
+  assert total_variation < 0.015, (freq, want)
+  assert int(sample_best(logits)) == 0
+
+
+def test_compiles_once_per_bucket_and_weight_updates_do_not_recompile(tiny):
+  _, _, _, folder = tiny("qwen3")
+  model = load_model(folder, dtype="float32")
+  sampler = Sampler(model, None, CacheConfig.for_model(model, cache_size=128))
+  # 5 and 6 prompts share the batch bucket 6, prompts of 9 and 12 tokens the length bucket 16, and 20
+  # and 30 steps the steps bucket 32.
+  first = sampler([[1, 2, 3], [4, 5, 6, 7, 8], [9] * 9, [10], [1, 1]], 20, eos_tokens=[])
+  second = sampler([[11, 12, 13, 14], [15] * 12, [16, 17], [18], [19, 20], [21, 22, 23]], 30, eos_tokens=[])
+  assert sampler.trace_counts == {"prefill": 1, "decode": 1}
+  assert [len(t) for t in first.tokens] == [20] * 5 and [len(t) for t in second.tokens] == [30] * 6
+
+  def tokens():
+    return [t.tolist() for t in sampler([[1, 2, 3], [4, 5], [6], [7], [8]], 20, eos_tokens=[]).tokens]
+
+  before = tokens()
+  # New weights as a state (e.g. from a trainer): used at once.
+  sampler.update_params(jax.tree.map(lambda x: x * 1.5, nnx.state(model, nnx.Param)))
+  assert tokens() != before
+  # Another model object with the original weights gives the original tokens back.
+  sampler.update_params(load_model(folder, dtype="float32"))
+  assert tokens() == before
+  # An optimizer-style in-place update of the model the sampler holds is seen too.
+  held = sampler.transformer
+  held.embedder.embedding[...] = held.embedder.embedding[...] * 0.5
+  assert tokens() != before
+  assert sampler.trace_counts == {"prefill": 1, "decode": 1}
+
+  with pytest.raises(ValueError, match="same shapes and dtypes"):
+    sampler.update_params({"embedder": {"embedding": jnp.zeros((7, 3))}})
+  with pytest.raises(ValueError, match="different structure"):
+    sampler.update_params(load_model(tiny("llama3")[3], dtype="float32"))
+
+
+@pytest.mark.parametrize("arch,sampling", [("llama3", False), ("llama3", True), ("gemma", False)])
+def test_stream_joins_to_the_same_text(tiny, arch, sampling):
+  sampler, _, _, _ = tiny(arch)
+  prompts = ["Hello world, the cat", "Once upon a time there was a little", "Why"]
+  kw = dict(temperature=0.8, top_k=50, seed=3) if sampling else {}
+  full = sampler(prompts, STEPS, eos_tokens=[], **kw)
+  pieces = ["" for _ in prompts]
+  tokens = [[] for _ in prompts]
+  for chunk in sampler.stream(prompts, STEPS, eos_tokens=[], **kw):
+    for row in range(len(prompts)):
+      pieces[row] += chunk.text[row]
+      tokens[row] += chunk.tokens[row]
+  assert pieces == full.text
+  assert tokens == [t.tolist() for t in full.tokens]
+  assert any(text.strip() for text in full.text)
+
+
+def test_stream_stops_rows_at_eos_and_echoes(tiny):
+  sampler, _, _, _ = tiny("llama3")
+  prompts = ["Hello world, the cat", "Why"]
+  free = sampler(prompts, STEPS, eos_tokens=[])
+  eos = [int(free.tokens[0][2])]
+  full = sampler(prompts, STEPS, eos_tokens=eos, echo=True)
+  chunks = list(sampler.stream(prompts, STEPS, eos_tokens=eos, echo=True))
+  assert chunks[0].step == -1 and chunks[0].text[0] == sampler.tokenizer.decode(sampler.tokenize(prompts[0]))
+  assert ["".join(c.text[row] for c in chunks) for row in range(2)] == full.text
+  assert chunks[-1].done == [True, True]
+  assert full.tokens[0][-1] == eos[0] and full.text[0].startswith("Hello world, the cat")
+
+
+def test_echo_logits_and_logprobs_agree(tiny):
+  sampler, _, _, _ = tiny("llama3")
+  out = sampler(PROMPTS, STEPS, eos_tokens=UNLIKELY_EOS, echo=True, return_logits=True, return_logprobs=True)
+  assert isinstance(out, SamplerOutput)
+  for row, prompt in enumerate(PROMPTS):
+    generated = out.tokens[row][len(prompt) :]
+    assert out.tokens[row][: len(prompt)].tolist() == prompt
+    assert out.logits[row].shape == (len(generated), 512)
+    assert out.logits[row].argmax(-1).tolist() == generated.tolist()
+    want = jax.nn.log_softmax(jnp.asarray(out.logits[row]), -1)[np.arange(len(generated)), generated]
+    np.testing.assert_allclose(out.logprobs[row], np.asarray(want), atol=1e-5)
+
+
+def test_forbidden_tokens_are_never_generated(tiny):
+  sampler, _, _, _ = tiny("llama3")
+  free = sampler(PROMPTS, STEPS, eos_tokens=[])
+  banned = sorted({int(t) for row in free.tokens for t in row[:3]})
+  out = sampler(PROMPTS, STEPS, eos_tokens=[], forbidden_tokens=banned)
+  assert not set(banned) & {int(t) for row in out.tokens for t in row}
+
+
+def test_gemma_sampler_names_wrap_the_shared_sampler(tiny):
+  import sentencepiece as spm
+
+  from easytunix.models.gemma import sampler as gemma_sampler
+
+  shared, _, model, _ = tiny("gemma")
+  vocab = spm.SentencePieceProcessor(model_file=str(ASSETS / "tiny_sp" / "tokenizer.model"))
+  sampler = gemma_sampler.Sampler(model, vocab, cache_size=128, max_batch_size=8)
+  assert isinstance(sampler, Sampler) and gemma_sampler.SamplerOutput is SamplerOutput
+  assert gemma_sampler.sample_best is sample_best and gemma_sampler.sample_top_p is sample_top_p
+  prompts = ["Hello world, the cat", "Why"]
+  out = sampler(prompts, total_generation_steps=STEPS, eos_tokens=[])
+  want = shared(prompts, STEPS, eos_tokens=[])
+  assert [t.tolist() for t in out.tokens] == [t.tolist() for t in want.tokens]
+  assert out.text == want.text
+  with pytest.raises(ValueError, match="exactly one of total_generation_steps"):
+    sampler(prompts)
+
+
+def test_bad_inputs_say_what_to_fix(tiny):
+  sampler, _, model, _ = tiny("llama3")
+  bare = Sampler(model, None, CacheConfig.for_model(model, cache_size=64, max_batch_size=2))
+  cases = [
+      (lambda: sampler([], 8), ValueError, "prompts is empty"),
+      (lambda: sampler("a single string", 8), TypeError, "list of prompts"),
+      (lambda: sampler([1, 2, 3], 8), TypeError, "list of prompts"),
+      (lambda: sampler([[1, 2], []], 8), ValueError, "prompt 1 is empty"),
+      (lambda: sampler([[1, 2, 9999]], 8), ValueError, "outside the model's vocabulary"),
+      (lambda: sampler([[1, 2.5]], 8), TypeError, "list of int token ids"),
+      (lambda: bare(["hello"], 8), ValueError, "no tokenizer"),
+      (lambda: bare.tokenize("hello"), ValueError, "no tokenizer"),
+      (lambda: bare([[1] * 70], 8), ValueError, "more than the cache holds"),
+      (lambda: bare([[1] * 60], 8), ValueError, "cache_size=64"),
+      (lambda: bare([[1], [2], [3]], 8), ValueError, "max_batch_size is 2"),
+      (lambda: sampler([[1, 2]], 0), ValueError, "max_generation_steps must be a positive int"),
+      (lambda: sampler([[1, 2]], 8, beam_size=2, temperature=0.7), ValueError, "cannot be combined with sampling"),
+      (lambda: sampler([[1, 2]], 8, beam_size=2, top_k=5), ValueError, "cannot be combined with sampling"),
+      (lambda: sampler([[1, 2]], 8, beam_size=0), ValueError, "beam_size must be a positive int"),
+      (lambda: sampler([[1, 2]], 8, beam_size=2, early_stopping="soon"), ValueError, "early_stopping must be"),
+      (lambda: sampler([[1, 2]], 8, beam_size=2, return_logits=True), ValueError, "not supported with beam"),
+      (lambda: sampler([[1, 2]], 8, temperature=-1.0), ValueError, "temperature must be a number >= 0"),
+      (lambda: sampler([[1, 2]], 8, temperature=1.0, top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+      (lambda: sampler([[1, 2]], 8, temperature=1.0, top_k=0), ValueError, "top_k must be a positive int"),
+      (lambda: sampler([[1, 2]], 8, eos_tokens=["x"]), TypeError, "eos_tokens must be a list of int"),
+      (lambda: sampler([[1, 2]], 8, forbidden_tokens=[600]), ValueError, "forbidden_tokens must be ids"),
+      (lambda: sampler([[1, 2]], 8, seed="x"), TypeError, "seed must be an int"),
+      (lambda: sampler.stream([], 8), ValueError, "prompts is empty"),
+      (lambda: Sampler(model, None, {"cache_size": 8}), TypeError, "cache_config must be a CacheConfig"),
+      (lambda: Sampler("model", None, None), TypeError, "transformer must be an nnx.Module"),
+      (lambda: Sampler(model, 42, CacheConfig.for_model(model, 64)), TypeError, "tokenizer must be"),
+      (lambda: Sampler(model, None, CacheConfig(64, 3, 2, 16)), ValueError, "num_layers=3 does not match"),
+      (lambda: CacheConfig(0, 2, 2, 16), ValueError, "cache_size must be a positive int"),
+      (lambda: CacheConfig(64, 2, 2, 16, max_batch_size=0), ValueError, "max_batch_size must be"),
+      (lambda: CacheConfig(64, 2, 2, 16, dtype=jnp.int32), ValueError, "floating dtype"),
+      (lambda: CacheConfig.for_model(object(), 64), TypeError, "num_layers, num_kv_heads and head_dim"),
+      (lambda: sample_top_p(jnp.zeros(4), jax.random.key(0), 0.0), ValueError, "temperature must be > 0"),
+      (lambda: sample_top_p(jnp.zeros(4), jax.random.key(0), 1.0, 0.0), ValueError, "top_p must be in"),
+  ]
+  for call, error, message in cases:
+    with pytest.raises(error, match=message):
+      call()
+  config = CacheConfig.for_model(model, cache_size=64)
+  assert config.max_sequence_length == 64 and config.dtype == jnp.float32
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.cache_size = 5
