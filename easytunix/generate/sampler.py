@@ -12,7 +12,7 @@ How a call runs:
    is spent. Streaming drives a jitted single step from Python instead; beam
    search has its own jitted loop.
 
-Shapes are rounded up to buckets (powers of two) so that a later call with other
+Shapes are rounded up to buckets (powers of two and 3/4 of them) so that a later call with other
 prompts of a similar size reuses the compiled programs. The model's parameters
 are an *argument* of every jitted function (split off with ``nnx.split``), never
 a constant baked into it, so new weights (``update_params``, or an optimizer
@@ -61,7 +61,7 @@ __all__ = [
 MIN_PROMPT_BUCKET = 16
 MIN_STEPS_BUCKET = 16
 # EOS ids travel as a fixed-size runtime array (padded with -1) so that a
-# different stop set does not recompile.
+# different stop set does not recompile (more ids: the next power of two).
 _EOS_SLOTS = 8
 # The "very large negative" score of masked beam candidates (as in transformers).
 _BEAM_MASK = -1.0e9
@@ -69,7 +69,17 @@ _EARLY_STOPPING = (False, True, "never")
 
 
 def _round_up(n: int, minimum: int) -> int:
-  """The bucket of ``n``: the next power of two, at least ``minimum``."""
+  """The bucket of ``n`` (at least ``minimum``): the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...
+
+  Two buckets per octave (powers of two and three quarters of them) keep the
+  padding under a third of the work, with few distinct shapes to compile.
+  """
+  power = _next_power_of_two(n, minimum)
+  three_quarters = power // 2 + power // 4
+  return three_quarters if power >= 4 and max(n, minimum) <= three_quarters else power
+
+
+def _next_power_of_two(n: int, minimum: int) -> int:
   n = max(int(n), int(minimum), 1)
   return 1 << (n - 1).bit_length()
 
@@ -575,7 +585,7 @@ class Sampler:
         raise TypeError(f"eos_tokens must be a list of int token ids, got {eos_tokens!r}.") from None
       if any(t < 0 for t in eos):
         raise ValueError(f"eos_tokens must be non-negative ids, got {list(eos)}.")
-    slots = _round_up(len(eos), _EOS_SLOTS)
+    slots = _next_power_of_two(len(eos), _EOS_SLOTS)
     arr = np.full((slots,), -1, np.int32)
     arr[: len(eos)] = eos
     return arr, eos
@@ -605,7 +615,8 @@ class Sampler:
     if cfg.max_batch_size is not None:
       batch_bucket = min(batch_bucket, cfg.max_batch_size)
     prompt_bucket = _round_up(longest, MIN_PROMPT_BUCKET)
-    steps_bucket = _round_up(max_generation_steps, MIN_STEPS_BUCKET)
+    # The step budget only sizes buffers (the loop bound is a runtime value): powers of two suffice.
+    steps_bucket = _next_power_of_two(max_generation_steps, MIN_STEPS_BUCKET)
     if prompt_bucket + steps_bucket > cfg.cache_size:
       steps_bucket = max(max_generation_steps, cfg.cache_size - prompt_bucket)
       prompt_bucket = min(prompt_bucket, cfg.cache_size - steps_bucket)
