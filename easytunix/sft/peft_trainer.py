@@ -697,11 +697,19 @@ class PeftTrainer:
       if hasattr(train_ds, "set_epoch"):
         train_ds.set_epoch(epoch)
       index = 0
-      for batch in train_ds:
-        index += 1
-        if index <= skip:
-          continue
-        yield batch, (epoch, index)
+      batches = iter(train_ds)
+      try:
+        for batch in batches:
+          index += 1
+          if index <= skip:
+            continue
+          yield batch, (epoch, index)
+      finally:
+        # A generator source (e.g. GRPO's rollout stream, which may run a thread)
+        # is closed as soon as training stops, not whenever it is collected.
+        close = getattr(batches, "close", None)
+        if close is not None and batches is not train_ds:
+          close()
       if index == 0:
         return
       epoch, skip = epoch + 1, 0
@@ -854,6 +862,7 @@ class PeftTrainer:
       if hooks is not None:
         hooks.on_train_end(self)
     finally:
+      source.close()
       self._sync_model()
       self._live = None
       self._stop_profiler()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -95,6 +95,32 @@ def reversal_task(
   return _split(records, num_train, num_eval, seed + 1, f"reversal({min_length}..{max_length})")
 
 
+def with_label_noise(
+    task: SyntheticTask,
+    fraction: float,
+    corrupt: Callable[[str], str] | None = None,
+    seed: int = 0,
+) -> SyntheticTask:
+  """A copy of ``task`` whose training completions are wrong for ``fraction`` of the records.
+
+  The held-out records stay correct. ``corrupt`` maps a right answer to the
+  wrong one (default: an integer answer plus one, a systematic off-by-one bug),
+  so a model fit to the noisy data prefers the wrong answer while still giving
+  the right one real probability: what a verifier-based reward (GRPO) can fix.
+  Each record's training copy also carries the correct answer as ``"answer"``.
+  """
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"fraction must be in [0, 1], got {fraction!r}.")
+  corrupt = corrupt or (lambda answer: str(int(answer) + 1))
+  rng = np.random.default_rng(seed)
+  train = []
+  for record in task.train:
+    noisy = rng.random() < fraction
+    train.append({**record, "completion": corrupt(record["completion"]) if noisy else record["completion"],
+                  "answer": record["completion"]})
+  return SyntheticTask(name=f"{task.name} with {fraction:.0%} wrong labels", train=train, eval=list(task.eval))
+
+
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
   """Fraction of predictions equal to their reference after stripping surrounding whitespace."""
   if len(predictions) != len(references):
@@ -104,4 +130,4 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
   return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
-__all__ = ["SyntheticTask", "addition_task", "exact_match", "reversal_task"]
+__all__ = ["SyntheticTask", "addition_task", "exact_match", "reversal_task", "with_label_noise"]
