@@ -200,3 +200,27 @@ def test_compile_dpo_behind_the_facade():
   assert len(accuracy) == 8 and np.mean(accuracy[-2:]) > np.mean(accuracy[:2])
   with pytest.raises(ValueError, match=r"expects keys 'prompt'\+'chosen'\+'rejected'; found keys \['chosen', 'prompt'\]"):
     m.fit([{"prompt": "1+1=", "chosen": "2"}], verbose=0)
+
+
+def test_compile_grpo_behind_the_facade():
+  from easytunix.rl.grpo.rewards import exact_match
+
+  records = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(4)]
+  m = Qwen3.from_preset("qwen3_tiny", seed=3)
+  with pytest.raises(ValueError, match="needs reward_fns"):
+    m.compile(trainer="grpo")
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    m.compile(trainer="grpo", reward_fns=[exact_match], temperature=0.0)
+  m.compile(trainer="grpo", reward_fns=[exact_match], num_generations=4, max_new_tokens=4, lora_rank=4,
+            learning_rate=1e-3, max_length=24)
+  with pytest.raises(ValueError, match="batch_size=6 is not a multiple of num_generations=4"):
+    m.fit(records, steps=1, batch_size=6, verbose=0)
+  with pytest.raises(ValueError, match="record 0 does not fit trainer='grpo'"):
+    m.fit([{"question": "1+1="}], steps=1, batch_size=8, verbose=0)
+  seen, cb = [], callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(logs))
+  chat = [{"prompt": [{"role": "user", "content": "2+2="}], "answer": "4"}] * 2
+  history = m.fit(records + chat, steps=3, batch_size=8, validation_data=records[:4], callbacks=[cb], verbose=0)
+  assert len(seen) == 3
+  assert {"loss", "reward", "rewards/exact_match", "kl", "clip_fraction", "completion_length"} <= set(seen[0])
+  assert "val_reward" in history.history
+  assert set(m.evaluate(records[:4], batch_size=4)) == {"reward", "rewards/exact_match"}

@@ -38,7 +38,7 @@ TRAINER_OPTIONS: dict[str, dict[str, Any]] = {
     "distill": {},
     "grpo": {"reward_fns": None, "reward_weights": None, "num_generations": 4, "num_iterations": 1, "beta": 0.04,
              "epsilon": 0.2, "loss_algo": "grpo", "max_new_tokens": 32, "temperature": 0.9, "top_p": 1.0,
-             "top_k": None},
+             "top_k": None, "async_rollout": True, "use_chat_template": False, "ref_model": None},
 }
 
 
@@ -113,8 +113,9 @@ class _FitHooks(hooks_lib.TrainingHooks):
   """Bridges the core trainer's hooks onto Keras-style callbacks."""
 
   def __init__(self, model, callbacks: callbacks_lib.CallbackList, batches_per_epoch: int | None,
-               validation: Any, epochs: int):
+               validation: Any, epochs: int, evaluate: Callable[[Any], dict[str, float]] | None = None):
     self.model = model
+    self.evaluate = evaluate
     self.callbacks = callbacks
     self.batches_per_epoch = batches_per_epoch
     self.validation = validation
@@ -138,7 +139,7 @@ class _FitHooks(hooks_lib.TrainingHooks):
     logs = {"loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else float("nan")}
     if self.validation is not None:
       self.callbacks.on_test_begin({})
-      result = trainer.evaluate(self.validation)
+      result = (self.evaluate or trainer.evaluate)(self.validation)
       self.callbacks.on_test_end(dict(result))
       logs.update({f"val_{k}": v for k, v in result.items()})
     self.callbacks.on_epoch_end(self.epoch, logs)
@@ -174,7 +175,9 @@ def validate_spec(model, spec: CompileSpec) -> None:
     check(model, spec)
 
 
-_VALIDATORS: dict[str, Callable[[Any, CompileSpec], None]] = {"distill": lambda m, s: _validate_distill(m, s)}
+_VALIDATORS: dict[str, Callable[[Any, CompileSpec], None]] = {
+    "distill": lambda m, s: _validate_distill(m, s), "grpo": lambda m, s: _validate_grpo(m, s),
+}
 
 
 def make_trainer(model, spec: CompileSpec, *, max_steps: int | None, num_epochs: int | None,
@@ -245,7 +248,95 @@ def _dpo_batches(model, spec: CompileSpec, records, batch_size: int, shuffle: bo
                      use_chat_template=spec.options["use_chat_template"], name=name)
 
 
-_TRAINER_BUILDERS: dict[str, Callable[..., PeftTrainer]] = {"sft": _build_sft, "distill": _build_distill, "dpo": _build_dpo}
+def _grpo_settings(spec: CompileSpec) -> dict[str, Any]:
+  o = spec.options
+  fns = o["reward_fns"]
+  return dict(
+      reward_fns=list(fns) if isinstance(fns, (list, tuple)) else fns,
+      num_generations=o["num_generations"], num_iterations=o["num_iterations"], beta=o["beta"],
+      epsilon=o["epsilon"], loss_algo=o["loss_algo"], reward_weights=o["reward_weights"],
+      async_rollout=o["async_rollout"], max_new_tokens=o["max_new_tokens"], temperature=o["temperature"],
+      top_p=o["top_p"], top_k=o["top_k"], max_prompt_length=spec.max_length - o["max_new_tokens"],
+  )
+
+
+def _validate_grpo(model, spec: CompileSpec) -> None:
+  from easytunix.rl.grpo.grpo_learner import GrpoConfig
+  from easytunix.rl.rl_cluster import RolloutConfig
+
+  o = _grpo_settings(spec)
+  fns = o["reward_fns"]
+  if fns is None or (isinstance(fns, list) and not fns):
+    raise ValueError(
+        "compile(trainer='grpo') needs reward_fns: functions fn(prompts, completions, **columns) -> list[float], "
+        "e.g. reward_fns=[easytunix.rl.grpo.rewards.exact_match]."
+    )
+  for fn in fns if isinstance(fns, list) else [fns]:
+    if not callable(fn):
+      raise TypeError(f"reward_fns must be callables, got {fn!r}.")
+  if model.tokenizer is None:
+    raise ValueError("trainer='grpo' needs a tokenizer: reward functions read the completions as text.")
+  if o["max_prompt_length"] < 1:
+    raise ValueError(
+        f"max_new_tokens={o['max_new_tokens']} leaves no room for a prompt in max_length={spec.max_length}; "
+        "raise max_length (prompt plus completion tokens)."
+    )
+  if not o["temperature"]:
+    raise ValueError("GRPO samples several different completions per prompt: temperature must be > 0 (e.g. 0.9).")
+  count = len(fns) if isinstance(fns, list) else 1
+  weights = o["reward_weights"]
+  if weights is not None and len(weights) != count:
+    raise ValueError(f"reward_weights has {len(weights)} entries for {count} reward function(s).")
+  GrpoConfig(num_generations=o["num_generations"], num_iterations=o["num_iterations"], beta=o["beta"],
+             epsilon=o["epsilon"], loss_algo=o["loss_algo"])
+  RolloutConfig(max_tokens_to_generate=o["max_new_tokens"], temperature=o["temperature"], top_p=o["top_p"],
+                top_k=o["top_k"], max_prompt_length=o["max_prompt_length"])
+
+
+def _build_grpo(model, spec: CompileSpec, kwargs: dict[str, Any]):
+  from easytunix.rl.grpo.grpo_learner import build_grpo_learner
+
+  settings = _grpo_settings(spec)
+  reward_fns = settings.pop("reward_fns")
+  return build_grpo_learner(model, spec.optimizer, reward_fns, tokenizer=model.tokenizer,
+                            reference=spec.options["ref_model"], **settings, **kwargs)
+
+
+def _grpo_batches(model, spec: CompileSpec, records, batch_size: int, shuffle: bool, seed: int, name: str):
+  from easytunix.rl.grpo.grpo_learner import PROMPT_IDS, prompt_batches
+
+  g = spec.options["num_generations"]
+  if batch_size % g:
+    raise ValueError(
+        f"batch_size={batch_size} is not a multiple of num_generations={g}: a GRPO batch holds num_generations "
+        f"completions of each of batch_size / num_generations prompts. Use batch_size={max(g, batch_size // g * g)} "
+        f"or {(batch_size // g + 1) * g}."
+    )
+  tokenizer = model.tokenizer
+  limit = spec.max_length - spec.options["max_new_tokens"]
+  prepared = []
+  for index, record in enumerate(records):
+    prompt = record["prompt"]
+    if isinstance(prompt, str) and not spec.options["use_chat_template"]:
+      ids, text = tokenizer.encode(prompt), prompt
+    else:
+      messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+      ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+      text = prompt if isinstance(prompt, str) else messages[-1].get("content", "")
+    if not ids:
+      raise ValueError(f"{name}: record {index} has an empty prompt.")
+    if len(ids) > limit:
+      raise ValueError(
+          f"{name}: record {index}'s prompt has {len(ids)} tokens, more than max_length - max_new_tokens = {limit}. "
+          "Raise compile(max_length=...) or shorten the prompt."
+      )
+    prepared.append({**record, "prompt": text, PROMPT_IDS: list(ids)})
+  return prompt_batches(prepared, batch_size // g, shuffle=shuffle, seed=seed)
+
+
+_TRAINER_BUILDERS: dict[str, Callable[..., Any]] = {
+    "sft": _build_sft, "distill": _build_distill, "dpo": _build_dpo, "grpo": _build_grpo,
+}
 
 
 def register_trainer(name: str, builder: Callable[..., PeftTrainer], batches: Callable[..., Any],
@@ -275,7 +366,9 @@ def _sft_batches(model, spec: CompileSpec, records, batch_size: int, shuffle: bo
   return dataset
 
 
-_BATCHES: dict[str, Callable[..., Any]] = {"sft": _sft_batches, "distill": _sft_batches, "dpo": _dpo_batches}
+_BATCHES: dict[str, Callable[..., Any]] = {
+    "sft": _sft_batches, "distill": _sft_batches, "dpo": _dpo_batches, "grpo": _grpo_batches,
+}
 
 
 def batches_for(model, spec: CompileSpec, data: Any, batch_size: int, shuffle: bool, seed: int, name: str):
@@ -302,6 +395,8 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
     micro_per_epoch = len(train)
   except TypeError:
     micro_per_epoch = None
+  if spec.trainer == "grpo" and micro_per_epoch is not None:
+    micro_per_epoch *= spec.options["num_iterations"]  # each batch of rollouts is trained on num_iterations times
   accumulation = spec.gradient_accumulation_steps
   batches_per_epoch = micro_per_epoch // accumulation if micro_per_epoch is not None else None
   if batches_per_epoch == 0:
@@ -324,8 +419,10 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
   cbs.set_params({"epochs": epochs, "steps": batches_per_epoch, "verbose": verbose, "batch_size": batch_size})
 
   previous = state.get("trainer")
-  trainer = make_trainer(model, spec, max_steps=None, num_epochs=None if max_steps is not None else epochs,
-                         show_progress_bar=False)
+  built = make_trainer(model, spec, max_steps=None, num_epochs=None if max_steps is not None else epochs,
+                       show_progress_bar=False)
+  learner = built if hasattr(built, "rollout_stream") else None
+  trainer = learner.trainer if learner is not None else built
   if previous is not None:
     # Keep the optimizer's moments and schedule position across fit calls, as Keras does.
     same = jax.tree.structure(previous._opt_state) == jax.tree.structure(trainer._opt_state)
@@ -335,13 +432,14 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
     previous.close()
   if max_steps is not None:
     trainer.config = dataclasses.replace(trainer.config, max_steps=trainer.train_steps() + max_steps)
-  state["trainer"] = trainer
-  hooks = _FitHooks(model, cbs, batches_per_epoch, validation, epochs)
+  state["trainer"], state["learner"] = trainer, learner
+  hooks = _FitHooks(model, cbs, batches_per_epoch, validation, epochs,
+                    evaluate=learner.evaluate if learner is not None else None)
   trainer.with_training_hooks(hooks)
   model.stop_training = False
   cbs.on_train_begin({})
   try:
-    trainer.train(train)
+    trainer.train(learner.rollout_stream(train) if learner is not None else train)
     hooks.close_epoch(trainer)
   finally:
     cbs.on_train_end(history.history and {k: v[-1] for k, v in history.history.items()} or {})
@@ -356,7 +454,15 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
 def evaluate(model, spec: CompileSpec, state: dict[str, Any], data: Any, batch_size: int) -> dict[str, float]:
   trainer = state.get("trainer")
   if trainer is None:
-    trainer = make_trainer(model, spec, max_steps=None, num_epochs=None, show_progress_bar=False)
-    state["trainer"] = trainer
+    built = make_trainer(model, spec, max_steps=None, num_epochs=None, show_progress_bar=False)
+    learner = built if hasattr(built, "rollout_stream") else None
+    trainer = learner.trainer if learner is not None else built
+    state["trainer"], state["learner"] = trainer, learner
+  if spec.trainer == "grpo":
+    # Mean rewards of one greedy completion per prompt: GRPO has no fixed target to score a loss against.
+    batch_size = batch_size // spec.options["num_generations"] * spec.options["num_generations"] or \
+        spec.options["num_generations"]
   batches = batches_for(model, spec, data, batch_size, False, 0, "evaluation data")
+  if state.get("learner") is not None:
+    return state["learner"].evaluate(batches)
   return trainer.evaluate(batches)

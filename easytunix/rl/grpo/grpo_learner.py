@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 LOSS_ALGOS: tuple[str, ...] = ("grpo", "gspo-token")
 RewardFn = Callable[..., Sequence[float]]
 ADVANTAGE_EPSILON = 1e-4
+# A batch column of token ids to generate from (the ``prompts`` column stays the text reward functions see).
+PROMPT_IDS = "prompt_ids"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,6 +328,12 @@ def _as_prompt_batch(batch: Any) -> tuple[list[Any], dict[str, list[Any]]]:
   return prompts, columns
 
 
+def _prompt_ids(cluster: RLCluster, prompts: list[Any], columns: dict[str, list[Any]]) -> list[list[int]]:
+  """The prompts' token ids: a ``prompt_ids`` column when the batch has one (e.g. chat-rendered), else tokenized."""
+  ids = columns.pop(PROMPT_IDS, None)
+  return cluster.tokenize_prompts(ids if ids is not None else prompts)
+
+
 def prompt_batches(records: Sequence[dict[str, Any]], batch_size: int, shuffle: bool = True, seed: int = 0):
   """Groups ``{"prompt", ...}`` records into GRPO batches ``{"prompts": [...], <column>: [...]}`` (re-iterable).
 
@@ -452,7 +460,7 @@ class GrpoLearner:
     start = time.perf_counter()
     prompts, columns = _as_prompt_batch(batch)
     g = config.num_generations
-    ids = cluster.tokenize_prompts(prompts)
+    ids = _prompt_ids(cluster, prompts, columns)
     repeated_ids = [p for p in ids for _ in range(g)]
     rollout = cluster.rollout(repeated_ids)
     repeated_prompts = [p for p in prompts for _ in range(g)]
@@ -534,7 +542,7 @@ class GrpoLearner:
     totals, per_fn, count = 0.0, np.zeros(len(self.reward_fns)), 0
     for batch in eval_ds:
       prompts, columns = _as_prompt_batch(batch)
-      ids = cluster.tokenize_prompts(prompts)
+      ids = _prompt_ids(cluster, prompts, columns)
       temperature = self.grpo_config.eval_temperature
       config = cluster.rollout_config
       out = sampler(
@@ -773,6 +781,7 @@ def build_grpo_learner(
 
 __all__ = [
     "LOSS_ALGOS",
+    "PROMPT_IDS",
     "GrpoConfig",
     "GrpoLearner",
     "RepeatIterable",
