@@ -8,15 +8,22 @@ is 128 tokens and a step runs 2 x 2 x 128 = 512 tokens through the policy
 (and again through the reference: the base weights with the adapters off, in
 both frameworks).
 
-Rows: easytunix computing the reference log-probs every step, easytunix with
-them precomputed once (``precompute_ref_logps``), and TRL (needs ``trl`` and
-``peft``; otherwise that row says "not installed"). Each row runs in its own
+Rows: each framework computing the reference log-probs every step, and with
+them precomputed once before training (easytunix's ``precompute_ref_logps``,
+TRL's ``precompute_ref_log_probs``). TRL needs ``trl`` and ``peft``; without
+them its rows say "not installed". Each row runs in its own
 subprocess so its peak resident memory is its own. A step's time is from the
 end of one optimizer step to the end of the next (data preparation and the
 reference pass included), blocking on the loss; the table reports the median
-after ``--warmup`` steps (compilation happens in the first).
+after ``--warmup`` steps (compilation happens in the first), both in wall-clock
+seconds and in CPU seconds of the process (all its threads): on a shared
+machine the CPU time is the steadier measure of the work a step costs.
 
-    python benchmarks/dpo.py [--steps 6] [--warmup 2] [--threads 2]
+``--threads`` sets torch's threads; ``--threads 1`` also pins each worker to one
+core (``sched_setaffinity``, before jax or torch start their thread pools): a
+one-core comparison that other load on the machine disturbs least.
+
+    python benchmarks/dpo.py [--steps 6] [--warmup 2] [--threads 2] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -57,16 +64,27 @@ def make_records(folder: Path, count: int, out: Path) -> None:
   out.write_text(json.dumps(records))
 
 
-def _summary(ends: list[float], start: float, warmup: int) -> dict:
+def _clock() -> tuple[float, float]:
+  """(wall seconds, CPU seconds of this process)."""
+  import time
+
+  return time.perf_counter(), time.process_time()
+
+
+def _summary(ends: list[tuple[float, float]], start: tuple[float, float], warmup: int) -> dict:
   import resource
 
-  times = [b - a for a, b in zip([start] + ends[:-1], ends)]
-  step = statistics.median(times[warmup:])
+  marks = [start] + ends
+  wall = [b[0] - a[0] for a, b in zip(marks[:-1], marks[1:])]
+  cpu = [b[1] - a[1] for a, b in zip(marks[:-1], marks[1:])]
+  step, cpu_step = statistics.median(wall[warmup:]), statistics.median(cpu[warmup:])
   return dict(
       step_time=step,
+      cpu_step_time=cpu_step,
       tokens_per_second=2 * PAIRS * SEQ / step,
+      tokens_per_cpu_second=2 * PAIRS * SEQ / cpu_step,
       peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-      first_step_time=times[0],
+      first_step_time=wall[0],
   )
 
 
@@ -88,16 +106,16 @@ def worker_easytunix(folder: Path, records_file: Path, warmup: int, steps: int, 
   assert (data.prompt_width, data.response_width) == (PROMPT_TOKENS, RESPONSE_TOKENS), (data.prompt_width, data.response_width)
   model = load_model(folder, dtype="float32")
   apply_lora(model, rank=RANK, alpha=ALPHA, targets=TARGETS)
-  ends: list[float] = []
-  started: list[float] = []
+  ends: list[tuple[float, float]] = []
+  started: list[tuple[float, float]] = []
 
   class Timer(TrainingHooks):
     def on_train_start(self, train_ctx):
-      started.append(time.perf_counter())
+      started.append(_clock())
 
     def on_train_step_end(self, train_ctx, train_loss):
       jax.block_until_ready(train_loss)
-      ends.append(time.perf_counter())
+      ends.append(_clock())
 
   config = DpoTrainingConfig(max_steps=warmup + steps, beta=BETA, max_seq_length=SEQ, show_progress_bar=False)
   trainer = DpoTrainer(model, None, optax.adamw(LR), config).with_training_hooks(Timer())
@@ -115,7 +133,6 @@ def worker_easytunix(folder: Path, records_file: Path, warmup: int, steps: int, 
 
 
 def worker_trl(folder: Path, records_file: Path, warmup: int, steps: int, threads: int, precompute: bool) -> dict:
-  import time
 
   import datasets
   import peft
@@ -129,15 +146,15 @@ def worker_trl(folder: Path, records_file: Path, warmup: int, steps: int, thread
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
   lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0, bias="none",
                          task_type="CAUSAL_LM")
-  ends: list[float] = []
-  started: list[float] = []
+  ends: list[tuple[float, float]] = []
+  started: list[tuple[float, float]] = []
 
   class Timer(transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
-      started.append(time.perf_counter())
+      started.append(_clock())
 
     def on_step_end(self, args, state, control, **kwargs):
-      ends.append(time.perf_counter())
+      ends.append(_clock())
 
   with tempfile.TemporaryDirectory() as tmp:
     config = trl.DPOConfig(
@@ -186,6 +203,8 @@ def main() -> None:
   args = parser.parse_args()
 
   if args.worker:
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
+      os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     kind, folder, records_file, mode = args.worker[0], Path(args.worker[1]), Path(args.worker[2]), args.worker[3]
     precompute = mode == "precomputed"
     if kind == "easytunix":
@@ -214,16 +233,16 @@ def main() -> None:
           kind = "easytunix" if name == "easytunix" else "trl"
           result = run_worker(common + ["--worker", kind, str(folder), str(records_file), mode])
         previous = best.get((name, mode))
-        if previous is None or "error" in previous or result.get("step_time", float("inf")) < previous["step_time"]:
+        if previous is None or "error" in previous or result.get("cpu_step_time", float("inf")) < previous["cpu_step_time"]:
           best[(name, mode)] = result
   rows = [(name, mode, best[(name, mode)]) for name, mode in plan]
 
   print(f"\nDPO step, SmolLM2-135M-Instruct, float32, {PAIRS} pairs x {SEQ} tokens ({PROMPT_TOKENS} prompt + "
         f"{RESPONSE_TOKENS} response), LoRA rank {RANK} on {len(TARGETS)} projections, AdamW, sigmoid loss; reference = "
         f"base weights with adapters off; median of {args.steps} steps after {args.warmup} warm-up, best of {max(args.repeats, 1)} run(s); CPU, "
-        f"{os.cpu_count()} cores, torch threads {args.threads}\n")
-  header = (f"| {'framework':<9} | {'reference logps':<15} | {'tokens/s':>8} | {'step (s)':>8} | {'peak RSS (GiB)':>14} | "
-            f"{'easytunix / this':>16} | {'first step (s)':>14} |")
+        f"{os.cpu_count()} cores, {'one core per run' if args.threads == 1 else f'torch threads {args.threads}, XLA all cores'}\n")
+  header = (f"| {'framework':<9} | {'reference logps':<15} | {'tokens/s':>8} | {'step (s)':>8} | {'CPU s/step':>10} | "
+            f"{'tokens/CPU-s':>12} | {'easytunix / this (CPU)':>22} | {'peak RSS (GiB)':>14} | {'first step (s)':>14} |")
   print(header)
   print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
   ours = {mode: r for name, mode, r in rows if name == "easytunix"}
@@ -231,10 +250,11 @@ def main() -> None:
     if "error" in r:
       print(f"| {name:<9} | {mode:<15} | {' '.join(r['error'])[:120]} |")
       continue
-    ratio = ours.get(mode, {}).get("tokens_per_second", float("nan")) / r["tokens_per_second"]
+    ratio = ours.get(mode, {}).get("tokens_per_cpu_second", float("nan")) / r["tokens_per_cpu_second"]
     print(
         f"| {name:<9} | {mode:<15} | {r['tokens_per_second']:>8.1f} | {r['step_time']:>8.2f} | "
-        f"{r['peak_rss_gib']:>14.2f} | {ratio:>15.2f}x | {r['first_step_time']:>14.1f} |"
+        f"{r['cpu_step_time']:>10.2f} | {r['tokens_per_cpu_second']:>12.1f} | {ratio:>21.2f}x | "
+        f"{r['peak_rss_gib']:>14.2f} | {r['first_step_time']:>14.1f} |"
     )
   print("\ntokens/s counts the policy's tokens: 2 sequences (chosen, rejected) x pairs x tokens per step.")
   for name, mode, r in rows:
