@@ -118,5 +118,5 @@ def shard_model(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
       sharding = variable_sharding(
           path_str(path), value.shape, var.get_metadata().get("partition"), mesh
       )
-      var[...] = jax.device_put(value, sharding)
+      var.set_value(jax.device_put(value, sharding))
   return model

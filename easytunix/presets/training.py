@@ -331,7 +331,10 @@ def _grpo_batches(model, spec: CompileSpec, records, batch_size: int, shuffle: b
           "Raise compile(max_length=...) or shorten the prompt."
       )
     prepared.append({**record, "prompt": text, PROMPT_IDS: list(ids)})
-  return prompt_batches(prepared, batch_size // g, shuffle=shuffle, seed=seed)
+  per_batch = batch_size // g
+  # Training drops a last partial batch (another shape would compile the update again); evaluation keeps every prompt.
+  drop = name == "training data" and len(prepared) >= per_batch
+  return prompt_batches(prepared, per_batch, shuffle=shuffle, seed=seed, drop_remainder=drop)
 
 
 _TRAINER_BUILDERS: dict[str, Callable[..., Any]] = {
@@ -439,7 +442,12 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
   model.stop_training = False
   cbs.on_train_begin({})
   try:
-    trainer.train(learner.rollout_stream(train) if learner is not None else train)
+    # With eval_every_n_steps the validation data is also scored during the epoch (TensorBoard, trainer metrics).
+    periodic = validation if spec.eval_every_n_steps else None
+    if learner is not None:
+      trainer.train(learner.rollout_stream(train, periodic))
+    else:
+      trainer.train(train, periodic)
     hooks.close_epoch(trainer)
   finally:
     cbs.on_train_end(history.history and {k: v[-1] for k, v in history.history.items()} or {})

@@ -334,32 +334,42 @@ def _prompt_ids(cluster: RLCluster, prompts: list[Any], columns: dict[str, list[
   return cluster.tokenize_prompts(ids if ids is not None else prompts)
 
 
-def prompt_batches(records: Sequence[dict[str, Any]], batch_size: int, shuffle: bool = True, seed: int = 0):
+def prompt_batches(
+    records: Sequence[dict[str, Any]], batch_size: int, shuffle: bool = True, seed: int = 0,
+    drop_remainder: bool = False,
+):
   """Groups ``{"prompt", ...}`` records into GRPO batches ``{"prompts": [...], <column>: [...]}`` (re-iterable).
 
-  Each epoch is reshuffled (``set_epoch``); a last partial batch is kept.
+  Each epoch is reshuffled (``set_epoch``). ``drop_remainder`` drops a last
+  partial batch (a batch of another size compiles the update step again).
   """
-  return _PromptBatches(list(records), batch_size, shuffle, seed)
+  return _PromptBatches(list(records), batch_size, shuffle, seed, drop_remainder)
 
 
 class _PromptBatches:
-  def __init__(self, records: list[dict[str, Any]], batch_size: int, shuffle: bool, seed: int):
+  def __init__(self, records: list[dict[str, Any]], batch_size: int, shuffle: bool, seed: int, drop_remainder: bool):
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if not records:
       raise ValueError("No prompt records.")
+    if drop_remainder and len(records) < batch_size:
+      raise ValueError(f"{len(records)} prompt records make no full batch of {batch_size}.")
     self.records, self.batch_size, self.shuffle, self.seed, self.epoch = records, batch_size, shuffle, seed, 0
+    self.drop_remainder = drop_remainder
 
   def set_epoch(self, epoch: int) -> None:
     self.epoch = epoch
 
   def __len__(self) -> int:
+    if self.drop_remainder:
+      return len(self.records) // self.batch_size
     return -(-len(self.records) // self.batch_size)
 
   def __iter__(self):
     order = (np.random.default_rng((self.seed, self.epoch)).permutation(len(self.records)) if self.shuffle
              else np.arange(len(self.records)))
-    for start in range(0, len(order), self.batch_size):
+    stop = len(self) * self.batch_size
+    for start in range(0, stop, self.batch_size):
       chunk = [self.records[i] for i in order[start : start + self.batch_size]]
       names = sorted({k for r in chunk for k in r} - {"prompt"})
       yield {"prompts": [r["prompt"] for r in chunk], **{k: [r.get(k) for r in chunk] for k in names}}
@@ -391,7 +401,9 @@ class GrpoLearner:
     grpo_config: a :class:`GrpoConfig`.
 
   ``train(train_ds)`` takes batches of prompts: dicts ``{"prompts": [...],
-  "answer": [...]}`` (see :func:`prompt_batches`) or lists of records. Each
+  "answer": [...]}`` (see :func:`prompt_batches`) or lists of records; a
+  ``prompt_ids`` column (token ids, e.g. chat-rendered) is generated from
+  instead of tokenizing ``prompts``, which reward functions still see. Each
   batch of B prompts becomes B x num_generations rollouts and one micro-batch
   of the policy update; ``gradient_accumulation_steps`` of them make one
   optimizer step, repeated ``num_iterations`` times. ``max_steps`` in the
@@ -756,9 +768,10 @@ def build_grpo_learner(
     seed: int = 0,
     **training_config_kwargs: Any,
 ) -> GrpoLearner:
-  """A colocated :class:`GrpoLearner` from flat arguments (what ``model.compile(trainer="grpo", ...)`` calls).
+  """A :class:`GrpoLearner` from flat arguments (what ``model.compile(trainer="grpo", ...)`` calls).
 
-  ``training_config_kwargs`` are :class:`easytunix.sft.peft_trainer.TrainingConfig` fields.
+  ``training_config_kwargs`` are :class:`easytunix.sft.peft_trainer.TrainingConfig` fields
+  (``eval_every_n_steps`` also sets how often :meth:`GrpoLearner.evaluate` scores ``eval_ds``).
   """
   from easytunix.rl.rl_cluster import ClusterConfig, RLTrainingConfig, RolloutConfig
 
@@ -774,7 +787,7 @@ def build_grpo_learner(
   config = GrpoConfig(
       num_generations=num_generations, num_iterations=num_iterations, beta=beta, epsilon=epsilon,
       loss_algo=loss_algo, reward_weights=None if reward_weights is None else tuple(reward_weights),
-      async_rollout=async_rollout,
+      async_rollout=async_rollout, eval_every_n_steps=training_config_kwargs.get("eval_every_n_steps"),
   )
   return GrpoLearner(cluster, reward_fns, config)
 
