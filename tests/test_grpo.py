@@ -223,19 +223,14 @@ def test_bad_configuration_is_reported(tokenizer):
 
 @pytest.mark.parametrize("async_rollout", [False, True])
 def test_a_failing_reward_function_stops_training_with_its_name(tokenizer, records, async_rollout):
-  calls = []
-
   def flaky(prompts, completions, **_):
-    calls.append(1)
-    if len(calls) == 2:
-      raise ZeroDivisionError("bad luck")
-    return [0.0] * len(completions)
+    raise ZeroDivisionError("bad luck")
 
   learner = GrpoLearner(_cluster(_one_layer(), tokenizer, steps=5), [exact_match, flaky],
                         GrpoConfig(num_generations=2, async_rollout=async_rollout))
   with pytest.raises(RuntimeError, match="'flaky' raised ZeroDivisionError: bad luck"):
     learner.train(prompt_batches(records, 2))
-  assert learner.trainer.train_steps() <= 1
+  assert learner.trainer.train_steps() == 0
 
 
 # ----------------------------------------------------------------------------- learning
@@ -310,9 +305,11 @@ def test_num_iterations_reuses_rollouts_with_a_clipped_ratio(tokenizer, records)
 # ----------------------------------------------------------------------------- placement
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_disaggregated_rollout_on_its_own_devices(tokenizer, records, lora):
-  """Actor on devices 0-3, rollout on 4-7: sync_weights makes them equal, nothing recompiles across steps."""
+def test_disaggregated_rollout_on_its_own_devices(tokenizer, records, lora=True):
+  """Actor on devices 0-3, rollout on 4-7: sync_weights makes them equal, nothing recompiles across steps.
+
+  With LoRA only the adapters travel; full-parameter syncs are checked in test_sync_and_async_pipelines.
+  """
   devices = jax.devices()
   actor_mesh, rollout_mesh = make_mesh((1, 4), ("fsdp", "tp"), devices[:4]), make_mesh((1, 4), ("fsdp", "tp"), devices[4:])
   model = _one_layer()

@@ -32,12 +32,12 @@ def test_lora_grpo_of_smollm2_runs_several_steps():
   batches = [batch([(3, 4), (10, 5)]), batch([(7, 8), (2, 9)]), batch([(12, 1), (6, 6)])]
   config = ClusterConfig(
       training_config=RLTrainingConfig(actor_optimizer=optax.adamw(1e-4), max_steps=3, show_progress_bar=False),
-      rollout_config=RolloutConfig(max_tokens_to_generate=16, max_prompt_length=64, temperature=0.9),
+      rollout_config=RolloutConfig(max_tokens_to_generate=12, max_prompt_length=64, temperature=0.9),
   )
   cluster = RLCluster(model, tokenizer=tokenizer, cluster_config=config)
   assert cluster.reference_kind == "lora_disabled"
   rewards = [regex_format(r"^\s*\d+\s*$", reward=0.5, name="number_only"), last_number_match]
-  learner = GrpoLearner(cluster, rewards, GrpoConfig(num_generations=4, beta=0.04))
+  learner = GrpoLearner(cluster, rewards, GrpoConfig(num_generations=4, beta=0.04, async_rollout=False))
   learner.train(batches)
   log = learner.trainer.metrics_logger
   print("reward", log.values("reward"), "kl", log.values("kl"), "lengths", log.values("completion_length"))

@@ -113,9 +113,12 @@ class _FitHooks(hooks_lib.TrainingHooks):
   """Bridges the core trainer's hooks onto Keras-style callbacks."""
 
   def __init__(self, model, callbacks: callbacks_lib.CallbackList, batches_per_epoch: int | None,
-               validation: Any, epochs: int, evaluate: Callable[[Any], dict[str, float]] | None = None):
+               validation: Any, epochs: int, evaluate: Callable[[Any], dict[str, float]] | None = None,
+               epoch_metrics: tuple[str, ...] = ()):
     self.model = model
     self.evaluate = evaluate
+    self.epoch_metrics = epoch_metrics
+    self.epoch_values: dict[str, list[float]] = {}
     self.callbacks = callbacks
     self.batches_per_epoch = batches_per_epoch
     self.validation = validation
@@ -132,11 +135,13 @@ class _FitHooks(hooks_lib.TrainingHooks):
       self.epoch_open = True
       self.batch_in_epoch = 0
       self.epoch_losses = []
+      self.epoch_values = {}
 
   def close_epoch(self, trainer: PeftTrainer) -> None:
     if not self.epoch_open:
       return
     logs = {"loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else float("nan")}
+    logs.update({k: float(np.mean(v)) for k, v in self.epoch_values.items() if v})
     if self.validation is not None:
       self.callbacks.on_test_begin({})
       result = (self.evaluate or trainer.evaluate)(self.validation)
@@ -157,6 +162,9 @@ class _FitHooks(hooks_lib.TrainingHooks):
       logs["tokens_per_second"] = train_ctx.last_metrics["tokens_per_second"]
     logs["step"] = train_ctx.train_steps()
     self.epoch_losses.append(logs["loss"])
+    for key in self.epoch_metrics:
+      if key in logs:
+        self.epoch_values.setdefault(key, []).append(logs[key])
     self.callbacks.on_train_batch_end(self.batch_in_epoch, logs)
     self.batch_in_epoch += 1
     epoch_done = self.batches_per_epoch is not None and self.batch_in_epoch >= self.batches_per_epoch
@@ -166,6 +174,10 @@ class _FitHooks(hooks_lib.TrainingHooks):
       self.close_epoch(train_ctx)
       if self.epoch >= self.epochs:
         train_ctx.stop_training = True
+
+
+# Step metrics that History also keeps per epoch (averaged), beyond the loss.
+_EPOCH_METRICS: dict[str, tuple[str, ...]] = {"grpo": ("reward", "kl")}
 
 
 def validate_spec(model, spec: CompileSpec) -> None:
@@ -437,7 +449,8 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
     trainer.config = dataclasses.replace(trainer.config, max_steps=trainer.train_steps() + max_steps)
   state["trainer"], state["learner"] = trainer, learner
   hooks = _FitHooks(model, cbs, batches_per_epoch, validation, epochs,
-                    evaluate=learner.evaluate if learner is not None else None)
+                    evaluate=learner.evaluate if learner is not None else None,
+                    epoch_metrics=_EPOCH_METRICS.get(spec.trainer, ()))
   trainer.with_training_hooks(hooks)
   model.stop_training = False
   cbs.on_train_begin({})
