@@ -32,12 +32,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import _workers
+
 PAIRS, PROMPT_TOKENS, RESPONSE_TOKENS, RANK, ALPHA, LR, BETA = 2, 64, 64, 16, 32.0, 1e-4, 0.1
 SEQ = PROMPT_TOKENS + RESPONSE_TOKENS
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -175,13 +175,7 @@ def worker_trl(folder: Path, records_file: Path, warmup: int, steps: int, thread
 
 
 def run_worker(args: list[str]) -> dict:
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-  proc = subprocess.run([sys.executable, str(Path(__file__).resolve())] + args, env=env, capture_output=True, text=True)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+  return _workers.run_worker(Path(__file__).resolve(), args)
 
 
 def _installed(*names: str) -> list[str]:

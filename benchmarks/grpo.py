@@ -31,12 +31,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import _workers
+
 PROMPTS_PER_STEP, GENERATIONS, NEW_TOKENS, RANK, ALPHA, LR, BETA = 4, 4, 32, 16, 32.0, 1e-5, 0.04
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -233,13 +233,7 @@ def worker_curve(async_rollout: bool, verifier_seconds: float = 0.0, steps: int 
 
 
 def run_worker(args: list[str]) -> dict:
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-  proc = subprocess.run([sys.executable, str(Path(__file__).resolve())] + args, env=env, capture_output=True, text=True)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+  return _workers.run_worker(Path(__file__).resolve(), args)
 
 
 def main() -> None:

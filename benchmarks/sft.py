@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import _workers
+
 BATCH, SEQ, RANK, ALPHA, LR = 4, 256, 16, 32.0, 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -187,14 +187,7 @@ TUNIX_WORKER = textwrap.dedent(
 
 
 def run_worker(args: list[str], python: str = sys.executable, script: Path | None = None) -> dict:
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-  command = [python, str(script or Path(__file__).resolve())] + args
-  proc = subprocess.run(command, env=env, capture_output=True, text=True)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+  return _workers.run_worker(script or Path(__file__).resolve(), args, python)
 
 
 def main() -> None:
