@@ -374,3 +374,24 @@ def test_lora_reference_is_the_base_weights(tokenizer):
   np.testing.assert_allclose(np.asarray(cluster.get_ref_per_token_logps(*args)),
                              np.asarray(completion_logps(base, *args)), atol=1e-5)
   assert not np.allclose(np.asarray(cluster.get_old_per_token_logps(*args)), np.asarray(completion_logps(base, *args)))
+
+
+def test_accumulation_over_prompts_of_different_lengths_is_deterministic_with_evaluation(tokenizer):
+  """Accumulated micro-batches share one prompt width; async rollouts and mid-run evaluation repeat exactly."""
+  short = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(2)]
+  long = [{"prompt": "+".join(["1"] * (a + 8)) + "=", "answer": str(a + 8)} for a in range(8)]
+  data = prompt_batches(short[:4] + long[:4] + short[4:] + long[4:], 4, shuffle=False)
+  losses = []
+  for _ in range(2):
+    config = ClusterConfig(
+        training_config=RLTrainingConfig(actor_optimizer=optax.adamw(1e-2), max_steps=2, show_progress_bar=False,
+                                         gradient_accumulation_steps=2),
+        rollout_config=RolloutConfig(max_tokens_to_generate=4, max_prompt_length=32, temperature=1.0),
+    )
+    cluster = RLCluster(_one_layer(), tokenizer=tokenizer, cluster_config=config)
+    learner = GrpoLearner(cluster, exact_match, GrpoConfig(num_generations=2, eval_every_n_steps=1))
+    learner.train(data, eval_ds=prompt_batches(short[:2], 2, shuffle=False))
+    assert learner.trainer.train_steps() == 2 and learner.trainer.num_train_step_traces == 1
+    assert [step for step, _ in learner.eval_history] == [1, 2]  # every step (the last one by the final evaluation)
+    losses.append(learner.trainer.metrics_logger.values("loss"))
+  assert losses[0] == losses[1]

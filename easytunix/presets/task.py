@@ -250,6 +250,7 @@ class CausalLMTask:
       state["trainer"].close()
     state["compiled"] = spec
     state["trainer"] = None
+    state["grpo_reference"] = None  # a new compile anchors GRPO's KL to the weights as they are now
     return self
 
   def _compiled(self, what: str):

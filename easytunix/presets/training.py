@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
 from easytunix import callbacks as callbacks_lib
 from easytunix.presets import data_formats
@@ -308,10 +309,21 @@ def _validate_grpo(model, spec: CompileSpec) -> None:
 def _build_grpo(model, spec: CompileSpec, kwargs: dict[str, Any]):
   from easytunix.rl.grpo.grpo_learner import build_grpo_learner
 
+  from easytunix.presets.task import facade_state
+  from easytunix.sft.lora import is_lora_enabled
+
   settings = _grpo_settings(spec)
   reward_fns = settings.pop("reward_fns")
+  reference = spec.options["ref_model"]
+  if reference is None and not is_lora_enabled(model):
+    # Full fine-tuning: the KL reference is the weights as they were at compile(), kept across fit() calls.
+    # (It shares their arrays: training works on copies.)
+    state = facade_state(model)
+    if state.get("grpo_reference") is None:
+      state["grpo_reference"] = nnx.clone(model)
+    reference = state["grpo_reference"]
   return build_grpo_learner(model, spec.optimizer, reward_fns, tokenizer=model.tokenizer,
-                            reference=spec.options["ref_model"], **settings, **kwargs)
+                            reference=reference, **settings, **kwargs)
 
 
 def _grpo_batches(model, spec: CompileSpec, records, batch_size: int, shuffle: bool, seed: int, name: str):
@@ -411,7 +423,9 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
   except TypeError:
     micro_per_epoch = None
   if spec.trainer == "grpo" and micro_per_epoch is not None:
-    micro_per_epoch *= spec.options["num_iterations"]  # each batch of rollouts is trained on num_iterations times
+    # A trailing part-group is dropped; each group of rollouts is trained on num_iterations times.
+    acc = spec.gradient_accumulation_steps
+    micro_per_epoch = micro_per_epoch // acc * acc * spec.options["num_iterations"]
   accumulation = spec.gradient_accumulation_steps
   batches_per_epoch = micro_per_epoch // accumulation if micro_per_epoch is not None else None
   if batches_per_epoch == 0:

@@ -489,12 +489,18 @@ class RLCluster:
     steps = kwargs.pop("max_generation_steps")
     return self.rollout_sampler()(list(prompts), steps, **kwargs)
 
-  def rollout(self, prompt_ids: Sequence[Sequence[int]], seed: int | None = None) -> Rollout:
-    """Samples one completion per prompt (token ids) and lays the batch out for the loss."""
+  def rollout(self, prompt_ids: Sequence[Sequence[int]], seed: int | None = None, width: int | None = None) -> Rollout:
+    """Samples one completion per prompt (token ids) and lays the batch out for the loss.
+
+    ``width``: the prompt columns (default: the longest prompt rounded up to a power of two).
+    """
     start = time.perf_counter()
     out = self.generate([list(p) for p in prompt_ids], seed=seed)
-    width = bucket(max(len(p) for p in prompt_ids), 16, max(self.rollout_config.max_prompt_length, 1))
-    width = max(width, max(len(p) for p in prompt_ids))
+    longest = max(len(p) for p in prompt_ids)
+    if width is None:
+      width = max(bucket(longest, 16, self.rollout_config.max_prompt_length), longest)
+    elif width < longest:
+      raise ValueError(f"width={width} is narrower than the longest prompt ({longest} tokens).")
     pad = self.pad_id()
     prompt, prompt_mask = left_pad(prompt_ids, width, pad)
     completion, completion_mask = right_pad(out.tokens, self.rollout_config.max_tokens_to_generate, pad)

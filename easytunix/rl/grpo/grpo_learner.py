@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from easytunix.rl.common import completion_logps
+from easytunix.rl.common import bucket, completion_logps
 from easytunix.rl.rl_cluster import RLCluster
 from easytunix.sft.peft_trainer import NUM_TOKENS
 
@@ -186,10 +186,13 @@ def grpo_objective(
   per_length = jnp.maximum(lengths, 1.0)
   old = jax.lax.stop_gradient(logps) if old_per_token_logps is None else jnp.asarray(old_per_token_logps, jnp.float32)
   adv = jnp.asarray(advantages, jnp.float32)[:, None]
+  on = mask > 0
+  # Padding slots hold arbitrary log-probs: zero their differences before exp (inf * 0 would be NaN).
+  log_ratio = jnp.where(on, logps - old, 0.0)
   if loss_algo == "grpo":
-    ratio = jnp.exp(logps - old)
+    ratio = jnp.exp(log_ratio)
   else:
-    sequence_log_ratio = ((logps - old) * mask).sum(-1) / per_length
+    sequence_log_ratio = log_ratio.sum(-1) / per_length
     ratio = jnp.exp(jax.lax.stop_gradient(sequence_log_ratio)[:, None] + logps - jax.lax.stop_gradient(logps))
   clipped = jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon)
   per_token = -jnp.minimum(ratio * adv, clipped * adv)
@@ -201,7 +204,7 @@ def grpo_objective(
     return jnp.where(valid, per_sequence, 0.0).sum() / jnp.maximum(num_sequences, 1.0)
 
   if ref_per_token_logps is not None and beta:
-    delta = jnp.asarray(ref_per_token_logps, jnp.float32) - logps
+    delta = jnp.where(on, jnp.asarray(ref_per_token_logps, jnp.float32) - logps, 0.0)
     kl = jnp.exp(delta) - delta - 1.0
     per_token = per_token + beta * kl
     aux["kl"] = sequence_mean(jax.lax.stop_gradient(kl))
@@ -457,6 +460,8 @@ class GrpoLearner:
     if grpo_config.async_rollout:
       rl_cluster.detach_rollout()
     self.rollout_metrics: list[dict[str, float]] = []
+    # Evaluation draws from its own stream, so scoring mid-training never changes the training rollouts.
+    self._eval_rng = np.random.default_rng([rl_cluster.rollout_config.seed, 1])
     self.eval_history: list[tuple[int, dict[str, float]]] = []
 
   # ------------------------------------------------------------------ rollouts
@@ -466,15 +471,15 @@ class GrpoLearner:
     """Whether the sampling policy can differ from the policy being updated (ratio != 1)."""
     return self.grpo_config.num_iterations > 1 or not self.rl_cluster.rollout_is_actor
 
-  def _make_step(self, batch: Any) -> tuple[_Step, dict[str, float]]:
-    """Rollouts, rewards, advantages and log-probs of one batch of prompts."""
+  def _make_step(
+      self, prompts: list[Any], columns: dict[str, list[Any]], ids: list[list[int]], width: int, seed: int
+  ) -> tuple[_Step, dict[str, float]]:
+    """Rollouts, rewards, advantages and log-probs of one batch of prompts (``ids`` tokenized, ``width`` wide)."""
     cluster, config = self.rl_cluster, self.grpo_config
     start = time.perf_counter()
-    prompts, columns = _as_prompt_batch(batch)
     g = config.num_generations
-    ids = _prompt_ids(cluster, prompts, columns)
     repeated_ids = [p for p in ids for _ in range(g)]
-    rollout = cluster.rollout(repeated_ids)
+    rollout = cluster.rollout(repeated_ids, seed=seed, width=width)
     repeated_prompts = [p for p in prompts for _ in range(g)]
     repeated_columns = {k: [v for v in values for _ in range(g)] for k, values in columns.items()}
     rewards = compute_rewards(self.reward_fns, repeated_prompts, rollout.text, repeated_columns)
@@ -504,26 +509,54 @@ class GrpoLearner:
     }
     return step, metrics
 
-  def prepare_dataset(self, prompt_batches: Iterable[Any]) -> Iterator[_Group]:
+  def _groups(self, prompt_batches: Iterator[Any], epoch: int, first: int = 0) -> Iterator[tuple[int, list[Any]]]:
+    """``(group index, gradient_accumulation_steps prompt batches)``; a trailing part-group is dropped."""
+    accumulation = self.trainer.config.accumulation
+    index, batches = first, []
+    for batch in prompt_batches:
+      batches.append(batch)
+      if len(batches) == accumulation:
+        yield index, batches
+        index, batches = index + 1, []
+    if batches:
+      logger.warning("Dropped %d trailing prompt batch(es): fewer than gradient_accumulation_steps=%d were left.",
+                     len(batches), accumulation)
+
+  def _group_seed(self, epoch: int, index: int, micro: int) -> int:
+    """The sampling seed of one rollout batch: fixed by the position in the data, so a resumed run draws the same."""
+    rng = np.random.default_rng([self.rl_cluster.rollout_config.seed, epoch, index, micro])
+    return int(rng.integers(0, 2**31 - 1))
+
+  def _make_group(self, batches: list[Any], epoch: int = 0, index: int = 0) -> _Group | None:
+    """The rollouts of one optimizer step's prompt batches (None when their sizes differ: the step's shapes would)."""
+    start = time.perf_counter()
+    parsed = []
+    for batch in batches:
+      prompts, columns = _as_prompt_batch(batch)
+      parsed.append((prompts, columns, _prompt_ids(self.rl_cluster, prompts, columns)))
+    if len({len(p) for p, _, _ in parsed}) > 1:
+      logger.warning(
+          "Skipped an optimizer step whose %d prompt batches have different sizes %s (gradient accumulation "
+          "needs equal shapes); use prompt_batches(..., drop_remainder=True).", len(parsed), [len(p) for p, _, _ in parsed],
+      )
+      return None
+    longest = max(len(x) for _, _, ids in parsed for x in ids)
+    width = max(bucket(longest, 16, self.rl_cluster.rollout_config.max_prompt_length), longest)
+    made = [self._make_step(p, c, ids, width, self._group_seed(epoch, index, i)) for i, (p, c, ids) in enumerate(parsed)]
+    metrics = {k: float(np.mean([m[k] for _, m in made])) for k in made[0][1]}
+    metrics["rollout/seconds"] = time.perf_counter() - start
+    return _Group([s for s, _ in made], metrics)
+
+  def prepare_dataset(self, prompt_batches: Iterable[Any], epoch: int = 0) -> Iterator[_Group]:
     """Rollouts, rewards, advantages and log-probs for each optimizer step's batches of prompts.
 
     Yields one group per ``gradient_accumulation_steps`` prompt batches (the
     rollouts use the rollout model's weights as they are; callers sync them).
     """
-    accumulation = self.trainer.config.accumulation
-    batches: list[Any] = []
-    for batch in prompt_batches:
-      batches.append(batch)
-      if len(batches) == accumulation:
-        yield self._make_group(batches)
-        batches = []
-
-  def _make_group(self, batches: list[Any]) -> _Group:
-    start = time.perf_counter()
-    made = [self._make_step(b) for b in batches]
-    metrics = {k: float(np.mean([m[k] for _, m in made])) for k in made[0][1]}
-    metrics["rollout/seconds"] = time.perf_counter() - start
-    return _Group([s for s, _ in made], metrics)
+    for index, batches in self._groups(iter(prompt_batches), epoch):
+      group = self._make_group(batches, epoch, index)
+      if group is not None:
+        yield group
 
   # ------------------------------------------------------------------ the stream the trainer consumes
 
@@ -560,7 +593,7 @@ class GrpoLearner:
       out = sampler(
           ids, config.max_tokens_to_generate, temperature=temperature or None,
           top_p=config.top_p if temperature else None, top_k=config.top_k if temperature else None,
-          eos_tokens=cluster._eos(), seed=cluster.next_seed(),
+          eos_tokens=cluster._eos(), seed=int(self._eval_rng.integers(0, 2**31 - 1)),
       )
       rewards = compute_rewards(self.reward_fns, prompts, out.text, columns)
       totals += float((rewards @ self.reward_weights).sum())
@@ -594,6 +627,7 @@ class _RolloutStream:
     self.prompts = prompts
     self.eval_ds = eval_ds
     self.epoch = 0
+    self.evaluated_at = learner.trainer.train_steps()
 
   def set_epoch(self, epoch: int) -> None:
     self.epoch = epoch
@@ -601,7 +635,8 @@ class _RolloutStream:
       self.prompts.set_epoch(epoch)
 
   def __len__(self) -> int:
-    return len(self.prompts) * self.learner.grpo_config.num_iterations
+    accumulation = self.learner.trainer.config.accumulation
+    return len(self.prompts) // accumulation * accumulation * self.learner.grpo_config.num_iterations
 
   def __iter__(self) -> Iterator[Any]:
     learner = self.learner
@@ -614,6 +649,7 @@ class _RolloutStream:
     prompts = iter(self.prompts)
     # On resume, the trainer discards the micro-batches the restored run used:
     # skip whole groups without generating them.
+    first = 0
     while skip >= per_group:
       for _ in range(accumulation):
         if next(prompts, None) is None:
@@ -621,7 +657,9 @@ class _RolloutStream:
       for _ in range(per_group):
         yield None
       skip -= per_group
-    groups = self._async_groups(prompts) if learner.grpo_config.async_rollout else self._sync_groups(prompts)
+      first += 1
+    grouped = learner._groups(prompts, self.epoch, first)
+    groups = self._async_groups(grouped) if learner.grpo_config.async_rollout else self._sync_groups(grouped)
     try:
       for group in groups:
         self._log(group)
@@ -646,25 +684,25 @@ class _RolloutStream:
     trainer.metrics_logger.log_dict(metrics, step, mode="train")
     learner.rollout_metrics.append({"step": step, **metrics})
     every = learner.grpo_config.eval_every_n_steps
-    if every and self.eval_ds is not None and trainer.train_steps() and trainer.train_steps() % every == 0:
+    done = trainer.train_steps()
+    # Groups start every num_iterations steps: evaluate when a multiple of ``every`` was passed since the last check.
+    if every and self.eval_ds is not None and done // every > self.evaluated_at // every:
       learner.evaluate(self.eval_ds)
+    self.evaluated_at = done
 
-  def _sync_groups(self, prompts: Iterator[Any]) -> Iterator[_Group]:
+  def _sync_groups(self, grouped: Iterator[tuple[int, list[Any]]]) -> Iterator[_Group]:
     learner = self.learner
-    batches: list[Any] = []
-    for batch in prompts:
-      batches.append(batch)
-      if len(batches) < learner.trainer.config.accumulation:
-        continue
+    for index, batches in grouped:
       learner.rl_cluster.sync_weights()
-      yield learner._make_group(batches)
-      batches = []
+      group = learner._make_group(batches, self.epoch, index)
+      if group is not None:
+        yield group
 
-  def _async_groups(self, prompts: Iterator[Any]) -> Iterator[_Group]:
+  def _async_groups(self, grouped: Iterator[tuple[int, list[Any]]]) -> Iterator[_Group]:
     """Groups made by a background thread; group g uses the weights published when group g - 1 started."""
     learner = self.learner
     cluster = learner.rl_cluster
-    accumulation = learner.trainer.config.accumulation
+    epoch = self.epoch
     ready: queue.Queue = queue.Queue(maxsize=1)
     versions: dict[int, Any] = {}
     cond = threading.Condition()
@@ -699,18 +737,17 @@ class _RolloutStream:
 
     def produce() -> None:
       try:
-        group_index, batches = 0, []
-        for batch in prompts:
+        made = 0
+        for index, batches in grouped:
           if stop.is_set():
             return
-          batches.append(batch)
-          if len(batches) < accumulation:
-            continue
-          weights = wait_for(max(group_index - 1, 0))
+          weights = wait_for(max(made - 1, 0))
           cluster.load_rollout_weights(weights)
           cluster.num_weight_syncs += 1
-          put(("group", learner._make_group(batches)))
-          group_index, batches = group_index + 1, []
+          group = learner._make_group(batches, epoch, index)
+          if group is not None:
+            put(("group", group))
+            made += 1
         put(("end", None))
       except _Stop:
         return
@@ -742,7 +779,10 @@ class _RolloutStream:
       stop.set()
       with cond:
         cond.notify_all()
-      worker.join()
+      # The thread stops after the group it is making (generation, rewards, log-probs).
+      worker.join(timeout=300)
+      if worker.is_alive():
+        logger.warning("The rollout thread is still busy (a slow reward function?); leaving it to finish on its own.")
 
 
 def build_grpo_learner(
