@@ -174,7 +174,8 @@ _TUNIX = _TIMING + textwrap.dedent(
     sampler = sampler_lib.Sampler(model, tokenizer, cache)
     prompts, n = job["prompts"], job["new_tokens"]
     def generate(texts, steps):
-      return sampler(texts, max_generation_steps=steps, temperature=0.0, echo=False)
+      # eos_tokens=[-1]: no token ends a row, so every row generates all the steps (as in the other rows).
+      return sampler(texts, max_generation_steps=steps, temperature=0.0, echo=False, eos_tokens=[-1])
     generate(prompts, n); generate(prompts, 1); generate(prompts[:1], n); generate(prompts[:1], 1)
     print(json.dumps(dict(
         batch_s=best_time(lambda: generate(prompts, n)), batch_ttft_s=best_time(lambda: generate(prompts, 1)),
