@@ -282,6 +282,7 @@ def test_sync_and_async_pipelines(tokenizer, records):
     assert cluster.rollout_is_actor is (not async_rollout)
     assert learner.needs_old_logps is async_rollout
     assert ("rollout/wait_seconds" in learner.rollout_metrics[-1]) is async_rollout
+    assert "perplexity" not in learner.trainer.last_metrics and "kl" in learner.trainer.last_metrics
     assert cluster.rollout_sampler().trace_counts == {"prefill": 1, "decode": 1}
     if async_rollout:
       # After training, the rollout copy holds the weights the last group was generated with, not the newest.

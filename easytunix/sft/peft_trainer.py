@@ -302,6 +302,8 @@ class PeftTrainer:
     step_metrics: the metrics of the step just taken, as device arrays (reading
       them, e.g. ``jax.device_get(trainer.step_metrics)``, waits for the step).
     stop_training: a hook sets this to True to end ``train`` after the current step.
+    reports_perplexity: log ``exp(loss)`` as ``perplexity`` (True for NLL losses; DPO and
+      GRPO set it to False).
 
   Extension points (how DPO, distillation and GRPO reuse this loop instead of forking it):
 
@@ -357,6 +359,8 @@ class PeftTrainer:
     self.last_metrics: dict[str, float] = {}
     self.step_metrics: dict[str, Any] = {}
     self.stop_training = False
+    # exp(loss) is logged as perplexity when the loss is a token NLL (trainers with other objectives turn it off).
+    self.reports_perplexity = True
     self.num_train_step_traces = 0
     self.num_eval_step_traces = 0
     self._train_steps = 0
@@ -645,7 +649,8 @@ class PeftTrainer:
     # the device time per step, whether dispatch is asynchronous (GPU) or not (CPU).
     elapsed = (pending.end if pending.end is not None else time.perf_counter()) - pending.start
     logged = {k: v for k, v in values.items() if k not in (NUM_TOKENS, "input_tokens")}
-    logged["perplexity"] = perplexity(values["loss"])
+    if self.reports_perplexity:
+      logged["perplexity"] = perplexity(values["loss"])
     if elapsed > 0 and values.get("input_tokens"):
       logged["tokens_per_second"] = values["input_tokens"] / elapsed
     logged["step_time"] = elapsed
@@ -761,7 +766,8 @@ class PeftTrainer:
       return {}
     total = float(total)
     result = {k: float(v) / max(total, 1e-30) for k, v in jax.device_get(sums).items()}
-    result["perplexity"] = perplexity(result["loss"])
+    if self.reports_perplexity:
+      result["perplexity"] = perplexity(result["loss"])
     self.metrics_logger.log_dict(result, self._train_steps, mode="eval")
     self.last_metrics = {**self.last_metrics, **{f"eval_{k}": v for k, v in result.items()}}
     return result

@@ -372,6 +372,7 @@ class DpoTrainer(PeftTrainer):
         has_aux=True,
     )
     self.with_gen_model_input_fn(_model_inputs)
+    self.reports_perplexity = False  # a preference loss is not a likelihood
 
   def clear_jit_cache(self) -> None:
     """Drops the compiled train/eval steps and the compiled reference pass."""

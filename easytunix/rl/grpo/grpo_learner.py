@@ -457,6 +457,7 @@ class GrpoLearner:
         has_aux=True,
     )
     self.trainer.with_gen_model_input_fn(_model_inputs)
+    self.trainer.reports_perplexity = False  # the GRPO loss is not a likelihood
     if grpo_config.async_rollout:
       rl_cluster.detach_rollout()
     self.rollout_metrics: list[dict[str, float]] = []
