@@ -294,21 +294,33 @@ class SupervisedDataset:
     """Chooses the shuffle of the next pass."""
     self.epoch = int(epoch)
 
-  def _batches_per_pass(self) -> int:
-    n = len(self.examples)
-    return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
-
   def __len__(self) -> int:
-    return self._batches_per_pass() * self.repeat
+    return num_batches(len(self.examples), self.batch_size, self.drop_remainder) * self.repeat
 
   def __iter__(self) -> Iterator[TrainingInput]:
     for r in range(self.repeat):
-      order = np.arange(len(self.examples))
-      if self.shuffle:
-        order = np.random.default_rng([self.seed, self.epoch, r]).permutation(order)
-      for b in range(self._batches_per_pass()):
-        chosen = [self.examples[i] for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+      for indices in batch_indices(len(self.examples), self.batch_size, shuffle=self.shuffle,
+                                   key=(self.seed, self.epoch, r), drop_remainder=self.drop_remainder):
+        chosen = [self.examples[i] for i in indices]
         yield pad_batch(chosen, self.max_length, self.pad_id, self.batch_size)
+
+
+def num_batches(count: int, batch_size: int, drop_remainder: bool) -> int:
+  """How many batches ``count`` items make (a last partial batch counts unless ``drop_remainder``)."""
+  return count // batch_size if drop_remainder else -(-count // batch_size)
+
+
+def batch_indices(
+    count: int, batch_size: int, *, shuffle: bool, key: Sequence[int], drop_remainder: bool
+) -> Iterator[np.ndarray]:
+  """The item indices of each batch of one pass, shuffled with ``np.random.default_rng(key)`` when ``shuffle``.
+
+  ``key`` holds the seed and the epoch (and anything else that should change the order), so every
+  pass is reproducible on its own.
+  """
+  order = np.random.default_rng(list(key)).permutation(count) if shuffle else np.arange(count)
+  for b in range(num_batches(count, batch_size, drop_remainder)):
+    yield order[b * batch_size : (b + 1) * batch_size]
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
@@ -344,6 +356,8 @@ def bundled_dataset_path(name: str = "instructions") -> Path:
 
 
 __all__ = [
+    "batch_indices",
+    "num_batches",
     "SupervisedDataset",
     "TokenizedExample",
     "bundled_dataset_path",

@@ -34,6 +34,8 @@ from typing import Any
 import flax.struct
 import numpy as np
 
+from easytunix.sft.data import batch_indices, num_batches
+
 
 @flax.struct.dataclass
 class TrainingInput:
@@ -452,8 +454,7 @@ class DpoDataset:
     self.epoch = int(epoch)
 
   def __len__(self) -> int:
-    n = len(self.pairs)
-    return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
+    return num_batches(len(self.pairs), self.batch_size, self.drop_remainder)
 
   def _batch(self, indices: Sequence[int]) -> TrainingInput:
     batch = pad_pairs([self.pairs[i] for i in indices], self.prompt_width, self.response_width, self.pad_id, self.batch_size)
@@ -480,11 +481,9 @@ class DpoDataset:
     self.ref_chosen_logps, self.ref_rejected_logps = chosen, rejected
 
   def __iter__(self) -> Iterator[TrainingInput]:
-    order = np.arange(len(self.pairs))
-    if self.shuffle:
-      order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
-    for b in range(len(self)):
-      yield self._batch([int(i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]])
+    for indices in batch_indices(len(self.pairs), self.batch_size, shuffle=self.shuffle, key=(self.seed, self.epoch),
+                                 drop_remainder=self.drop_remainder):
+      yield self._batch([int(i) for i in indices])
 
 
 def dpo_batches(

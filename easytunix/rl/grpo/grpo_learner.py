@@ -50,6 +50,7 @@ from flax import nnx
 
 from easytunix.rl.common import bucket, completion_logps
 from easytunix.rl.rl_cluster import RLCluster
+from easytunix.sft.data import batch_indices, num_batches
 from easytunix.sft.peft_trainer import NUM_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -364,16 +365,12 @@ class _PromptBatches:
     self.epoch = epoch
 
   def __len__(self) -> int:
-    if self.drop_remainder:
-      return len(self.records) // self.batch_size
-    return -(-len(self.records) // self.batch_size)
+    return num_batches(len(self.records), self.batch_size, self.drop_remainder)
 
   def __iter__(self):
-    order = (np.random.default_rng((self.seed, self.epoch)).permutation(len(self.records)) if self.shuffle
-             else np.arange(len(self.records)))
-    stop = len(self) * self.batch_size
-    for start in range(0, stop, self.batch_size):
-      chunk = [self.records[i] for i in order[start : start + self.batch_size]]
+    for indices in batch_indices(len(self.records), self.batch_size, shuffle=self.shuffle,
+                                 key=(self.seed, self.epoch), drop_remainder=self.drop_remainder):
+      chunk = [self.records[i] for i in indices]
       names = sorted({k for r in chunk for k in r} - {"prompt"})
       yield {"prompts": [r["prompt"] for r in chunk], **{k: [r.get(k) for r in chunk] for k in names}}
 
@@ -461,6 +458,7 @@ class GrpoLearner:
     if grpo_config.async_rollout:
       rl_cluster.detach_rollout()
     self.rollout_metrics: list[dict[str, float]] = []
+    self._actor_sampler = None  # evaluation's sampler over the actor, when rollouts run on a copy
     # Evaluation draws from its own stream, so scoring mid-training never changes the training rollouts.
     self._eval_rng = np.random.default_rng([rl_cluster.rollout_config.seed, 1])
     self.eval_history: list[tuple[int, dict[str, float]]] = []
@@ -612,7 +610,7 @@ class GrpoLearner:
     cluster = self.rl_cluster
     if cluster.rollout_is_actor:
       return cluster.rollout_sampler()
-    if getattr(self, "_actor_sampler", None) is None:
+    if self._actor_sampler is None:
       from easytunix.generate.sampler import CacheConfig, Sampler
 
       cache = CacheConfig.for_model(cluster.actor, cache_size=cluster.rollout_config.cache_size())
