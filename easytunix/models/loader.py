@@ -14,13 +14,14 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from easytunix.layers.linear import Linear
 from easytunix.layers.sharding import path_str, variable_sharding
 from easytunix.models.safetensors_io import SafetensorsReader, checkpoint_files
 
@@ -189,28 +190,55 @@ def _checkpoint_name_for(path: str, rules: Iterable[NameRule]) -> str | None:
   return None
 
 
-def checkpoint_tensors(model: nnx.Module, rules: Iterable[NameRule]) -> dict[str, np.ndarray]:
-  """The inverse mapping: every parameter as checkpoint-named host arrays (experts split)."""
-  rules = list(rules)
-  out: dict[str, np.ndarray] = {}
+def model_params(model: nnx.Module, merge_lora: bool = True) -> Iterator[tuple[str, jax.Array]]:
+  """Every base parameter of ``model`` as (dotted path, array); LoRA adapters folded into their kernels.
+
+  The model is not changed. With ``merge_lora=False`` an adapted kernel is yielded as it is.
+  """
+  adapted = {}
+  if merge_lora:
+    for p, module in nnx.iter_graph(model):
+      if isinstance(module, Linear) and module.lora_a is not None:
+        adapted[path_str(p) + ".kernel"] = module
   for p, var in nnx.iter_graph(model):
     if not isinstance(var, nnx.Param) or isinstance(var, nnx.LoRAParam):
       continue
     path = path_str(p)
+    module = adapted.get(path)
+    yield path, (module.merged_kernel() if module is not None else var.get_value())
+
+
+def checkpoint_items(params: Iterable[tuple[str, Any]], rules: Iterable[NameRule]) -> Iterator[tuple[str, Any, bool]]:
+  """Parameters as checkpoint tensors: (checkpoint name, value, transpose) per tensor.
+
+  ``value`` keeps the model's layout (and array type): a caller transposes it
+  when ``transpose`` is set. Stacked experts come out one expert at a time.
+
+  Raises:
+    ValueError: a parameter has no row in ``rules``.
+  """
+  rules = list(rules)
+  for path, value in params:
     for rule in rules:
       groups = rule.match_param(path)
       if groups is not None:
         break
     else:
       raise ValueError(f"No checkpoint name for parameter {path}.")
-    value = np.asarray(jax.device_get(var.get_value()))
     if rule.stacked:
       for e in range(value.shape[0]):
-        name = rule.checkpoint.format(layer=groups.get("layer"), expert=e)
-        out[name] = np.ascontiguousarray(value[e].T if rule.transpose else value[e])
+        yield rule.checkpoint.format(layer=groups.get("layer"), expert=e), value[e], rule.transpose
     else:
-      name = rule.checkpoint.format(**groups)
-      out[name] = np.ascontiguousarray(value.T if rule.transpose and value.ndim == 2 else value)
+      yield rule.checkpoint.format(**groups), value, rule.transpose and value.ndim == 2
+
+
+def checkpoint_tensors(model: nnx.Module, rules: Iterable[NameRule], merge_lora: bool = False) -> dict[str, np.ndarray]:
+  """The inverse mapping: every parameter as checkpoint-named host arrays (experts split; with
+  ``merge_lora``, LoRA adapters folded into their kernels)."""
+  out: dict[str, np.ndarray] = {}
+  params = ((path, np.asarray(jax.device_get(v))) for path, v in model_params(model, merge_lora=merge_lora))
+  for name, value, transpose in checkpoint_items(params, rules):
+    out[name] = np.ascontiguousarray(value.T if transpose else value)
   return out
 
 

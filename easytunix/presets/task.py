@@ -248,8 +248,11 @@ class CausalLMTask:
     state = facade_state(self)
     if state.get("trainer") is not None:
       state["trainer"].close()
+    if state.get("learner") is not None:
+      state["learner"].rl_cluster.close_rollout_engine()
     state["compiled"] = spec
     state["trainer"] = None
+    state["learner"] = None
     state["grpo_reference"] = None  # a new compile anchors GRPO's KL to the weights as they are now
     return self
 

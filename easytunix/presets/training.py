@@ -39,7 +39,8 @@ TRAINER_OPTIONS: dict[str, dict[str, Any]] = {
     "distill": {},
     "grpo": {"reward_fns": None, "reward_weights": None, "num_generations": 4, "num_iterations": 1, "beta": 0.04,
              "epsilon": 0.2, "loss_algo": "grpo", "max_new_tokens": 32, "temperature": 0.9, "top_p": 1.0,
-             "top_k": None, "async_rollout": True, "use_chat_template": False, "ref_model": None},
+             "top_k": None, "async_rollout": True, "use_chat_template": False, "ref_model": None,
+             "rollout_engine": "vanilla"},
 }
 
 
@@ -270,6 +271,7 @@ def _grpo_settings(spec: CompileSpec) -> dict[str, Any]:
       epsilon=o["epsilon"], loss_algo=o["loss_algo"], reward_weights=o["reward_weights"],
       async_rollout=o["async_rollout"], max_new_tokens=o["max_new_tokens"], temperature=o["temperature"],
       top_p=o["top_p"], top_k=o["top_k"], max_prompt_length=spec.max_length - o["max_new_tokens"],
+      rollout_engine=o["rollout_engine"],
   )
 
 
@@ -300,6 +302,14 @@ def _validate_grpo(model, spec: CompileSpec) -> None:
   weights = o["reward_weights"]
   if weights is not None and len(weights) != count:
     raise ValueError(f"reward_weights has {len(weights)} entries for {count} reward function(s).")
+  from easytunix.rl.rl_cluster import ROLLOUT_ENGINES
+
+  if o["rollout_engine"] not in ROLLOUT_ENGINES:
+    raise ValueError(f"rollout_engine must be one of {list(ROLLOUT_ENGINES)}, got {o['rollout_engine']!r}.")
+  if o["rollout_engine"] == "vllm":
+    from easytunix.generate.vllm_sampler import import_vllm
+
+    import_vllm()
   GrpoConfig(num_generations=o["num_generations"], num_iterations=o["num_iterations"], beta=o["beta"],
              epsilon=o["epsilon"], loss_algo=o["loss_algo"])
   RolloutConfig(max_tokens_to_generate=o["max_new_tokens"], temperature=o["temperature"], top_p=o["top_p"],
@@ -459,6 +469,9 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
       trainer._opt_state = previous._opt_state
       trainer._train_steps = previous.train_steps()
     previous.close()
+  previous_learner = state.get("learner")
+  if previous_learner is not None and previous_learner is not learner:
+    previous_learner.rl_cluster.close_rollout_engine()
   if max_steps is not None:
     trainer.config = dataclasses.replace(trainer.config, max_steps=trainer.train_steps() + max_steps)
   state["trainer"], state["learner"] = trainer, learner

@@ -81,6 +81,11 @@ class RolloutConfig:
       the longest prompt plus ``max_tokens_to_generate``).
     eos_tokens: ids that end a completion (None: the tokenizer's).
     seed: seed of the rollout sampling stream (each rollout draws a fresh key from it).
+    rollout_vllm_model_version: with ``rollout_engine="vllm"``, a Hugging Face
+      folder the engine starts from (None: the actor's weights; either way the
+      actor's weights are pushed before the first rollout).
+    rollout_vllm_hbm_utilization: fraction of GPU memory the vLLM engine may take.
+    rollout_vllm_engine_kwargs: more keyword arguments for ``vllm.LLM``.
   """
 
   max_tokens_to_generate: int = 64
@@ -91,6 +96,9 @@ class RolloutConfig:
   kv_cache_size: int | None = None
   eos_tokens: tuple[int, ...] | None = None
   seed: int = 0
+  rollout_vllm_model_version: str | None = None
+  rollout_vllm_hbm_utilization: float = 0.3
+  rollout_vllm_engine_kwargs: Mapping[str, Any] | None = None
 
   def __post_init__(self):
     _positive_int("RolloutConfig", "max_tokens_to_generate", self.max_tokens_to_generate)
@@ -110,6 +118,10 @@ class RolloutConfig:
         )
     if self.eos_tokens is not None:
       object.__setattr__(self, "eos_tokens", tuple(int(t) for t in self.eos_tokens))
+    if not 0.0 < float(self.rollout_vllm_hbm_utilization) <= 1.0:
+      raise ValueError(
+          f"RolloutConfig.rollout_vllm_hbm_utilization must be in (0, 1], got {self.rollout_vllm_hbm_utilization!r}."
+      )
 
   def cache_size(self) -> int:
     return self.kv_cache_size or bucket(self.max_prompt_length) + self.max_tokens_to_generate
@@ -150,7 +162,8 @@ class ClusterConfig:
   Attributes:
     role_to_mesh: a mesh per :class:`Role`; a role without one uses the
       actor's mesh (None everywhere: wherever the actor's weights already are).
-    rollout_engine: ``"vanilla"`` (easytunix's JAX Sampler) or ``"vllm"``.
+    rollout_engine: ``"vanilla"`` (easytunix's JAX Sampler) or ``"vllm"`` (a
+      :class:`~easytunix.generate.vllm_sampler.VllmSampler`; needs vLLM installed).
     offload_to_cpu: keep an idle separate reference model in host memory.
     training_config: an :class:`RLTrainingConfig`.
     rollout_config: a :class:`RolloutConfig`.
@@ -279,11 +292,11 @@ class RLCluster:
           f"got {type(cluster_config).__name__}."
       )
     self.cluster_config = cluster_config
-    if cluster_config.rollout_engine == "vllm":
-      raise NotImplementedError(
-          "rollout_engine='vllm' is not available in this version of easytunix; use rollout_engine='vanilla' "
-          "(the JAX Sampler)."
-      )
+    self.uses_vllm = cluster_config.rollout_engine == "vllm"
+    if self.uses_vllm:
+      from easytunix.generate.vllm_sampler import import_vllm
+
+      import_vllm()  # fails now, with the install command, rather than at the first rollout
     meshes = cluster_config.role_to_mesh
     self.actor = self._load(actor, meshes.get(Role.ACTOR), "actor")
     if tokenizer is None and isinstance(actor, (str, Path)):
@@ -315,7 +328,7 @@ class RLCluster:
         logger.info("offload_to_cpu: this backend has no pinned host memory; the reference stays in place.")
         self._offload = False
     self.rollout_model: nnx.Module = self.actor
-    self._sampler: Sampler | None = None
+    self._sampler: Any = None
     self._actor_trainer: PeftTrainer | None = None
     self._critic_trainer: PeftTrainer | None = None
     self._logps_fns: dict[tuple[int, bool], Callable] = {}
@@ -324,8 +337,11 @@ class RLCluster:
     self.num_logps_traces = 0
     self.num_weight_syncs = 0
     self.last_sync_seconds = 0.0
+    self.last_engine_sync_seconds = 0.0
     if not self.colocated:
       self.detach_rollout()
+    if self.uses_vllm:
+      self.rollout_sampler()  # the engine starts once, here, in the thread that owns the cluster
 
   # ------------------------------------------------------------------ placement
 
@@ -381,7 +397,8 @@ class RLCluster:
         var.set_value(jax.device_put(value, target, may_alias=False))
     self.rollout_model = copy
     self._rollout_shardings = jax.tree.map(lambda x: x.sharding, nnx.as_pure(self._trainable_state(copy)))
-    self._sampler = None
+    if not self.uses_vllm:  # a vLLM engine keeps running; it takes the copy's weights at the next sync
+      self._sampler = None
 
   # ------------------------------------------------------------------- weights
 
@@ -401,10 +418,18 @@ class RLCluster:
     return jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), source, self._rollout_shardings)
 
   def load_rollout_weights(self, weights: Any) -> None:
-    """Writes a :meth:`snapshot_actor_weights` result into the rollout model (no recompilation)."""
-    if self.rollout_is_actor:
-      return
-    nnx.update(self.rollout_model, weights)
+    """Writes a :meth:`snapshot_actor_weights` result into the rollout model (no recompilation),
+    and from there into the vLLM engine when rollouts use one."""
+    if not self.rollout_is_actor:
+      nnx.update(self.rollout_model, weights)
+    if self.uses_vllm:
+      self._push_to_engine()
+
+  def _push_to_engine(self) -> None:
+    """Sends the rollout model's weights (LoRA folded in) to the running vLLM engine."""
+    start = time.perf_counter()
+    self.rollout_sampler().update_params(self.rollout_model)
+    self.last_engine_sync_seconds = time.perf_counter() - start
 
   def sync_weights(self) -> None:
     """Moves the actor's current weights (its LoRA adapters only, when it has them) to the rollout sampler."""
@@ -413,8 +438,11 @@ class RLCluster:
       weights = self.snapshot_actor_weights()
       jax.block_until_ready(weights)
       self.load_rollout_weights(weights)
-    elif self._actor_trainer is not None:
-      self._actor_trainer._sync_model()
+    else:
+      if self._actor_trainer is not None:
+        self._actor_trainer._sync_model()
+      if self.uses_vllm:
+        self._push_to_engine()
     self.num_weight_syncs += 1
     self.last_sync_seconds = time.perf_counter() - start
 
@@ -424,11 +452,26 @@ class RLCluster:
   def rollout_config(self) -> RolloutConfig:
     return self.cluster_config.rollout_config
 
-  def rollout_sampler(self) -> Sampler:
-    """The sampler over the rollout model (built once; weight syncs never rebuild or recompile it)."""
+  def rollout_sampler(self) -> Any:
+    """The sampler over the rollout model (built once; weight syncs never rebuild or recompile it): a
+    JAX :class:`Sampler`, or a :class:`~easytunix.generate.vllm_sampler.VllmSampler` with ``rollout_engine="vllm"``."""
     if self._sampler is None:
-      cache = CacheConfig.for_model(self.rollout_model, cache_size=self.rollout_config.cache_size())
-      self._sampler = Sampler(self.rollout_model, self.tokenizer, cache)
+      config = self.rollout_config
+      if self.uses_vllm:
+        from easytunix.generate.vllm_sampler import VllmSampler
+
+        self._sampler = VllmSampler(
+            self.tokenizer,
+            mesh=self._meshes[Role.ROLLOUT],
+            max_model_len=config.cache_size(),
+            model_version=config.rollout_vllm_model_version or self.rollout_model,
+            hbm_utilization=config.rollout_vllm_hbm_utilization,
+            seed=config.seed,
+            engine_kwargs=config.rollout_vllm_engine_kwargs,
+        )
+      else:
+        cache = CacheConfig.for_model(self.rollout_model, cache_size=config.cache_size())
+        self._sampler = Sampler(self.rollout_model, self.tokenizer, cache)
     return self._sampler
 
   def _eos(self) -> list[int] | None:
@@ -578,10 +621,18 @@ class RLCluster:
     """Runs the critic's training loop over ``train_ds``."""
     self.critic_trainer().train(train_ds, eval_ds, skip_jit)
 
+  def close_rollout_engine(self) -> None:
+    """Stops a vLLM rollout engine and frees its memory (a later rollout would start a new one)."""
+    if self.uses_vllm and self._sampler is not None:
+      self._sampler.close()
+      self._sampler = None
+
   def close(self) -> None:
+    """Closes the trainers (their checkpoint managers and loggers) and stops a vLLM engine."""
     for trainer in (self._actor_trainer, self._critic_trainer):
       if trainer is not None:
         trainer.close()
+    self.close_rollout_engine()
 
 
 __all__ = ["ClusterConfig", "RLCluster", "RLTrainingConfig", "Role", "Rollout", "RolloutConfig", "same_devices"]

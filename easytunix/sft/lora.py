@@ -122,8 +122,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
   """Folds ``scale * lora_a @ lora_b`` into each adapted kernel and removes the adapters (in place)."""
   for linear in lora_modules(model).values():
     kernel = linear.kernel[...]
-    delta = (linear.lora_a[...].astype(jnp.float32) @ linear.lora_b[...].astype(jnp.float32)) * linear.lora_scale
-    merged = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    merged = linear.merged_kernel()
     if getattr(kernel, "sharding", None) is not None and not isinstance(kernel, jax.core.Tracer):
       merged = jax.device_put(merged, kernel.sharding)
     linear.kernel[...] = merged

@@ -606,9 +606,15 @@ class GrpoLearner:
     self.eval_history.append((step, result))
     return result
 
+  def close(self) -> None:
+    """Closes the cluster: the trainer's checkpoints and loggers, and a vLLM engine."""
+    self.rl_cluster.close()
+
   def _eval_sampler(self):
     cluster = self.rl_cluster
     if cluster.rollout_is_actor:
+      if cluster.uses_vllm:
+        cluster._push_to_engine()  # the engine may hold weights from before the last update
       return cluster.rollout_sampler()
     if self._actor_sampler is None:
       from easytunix.generate.sampler import CacheConfig, Sampler
@@ -680,6 +686,8 @@ class _RolloutStream:
     step = trainer.train_steps() + 1
     metrics = dict(group.metrics)
     metrics["rollout/weight_sync_seconds"] = learner.rl_cluster.last_sync_seconds
+    if learner.rl_cluster.uses_vllm:
+      metrics["rollout/engine_sync_seconds"] = learner.rl_cluster.last_engine_sync_seconds
     trainer.metrics_logger.log_dict(metrics, step, mode="train")
     learner.rollout_metrics.append({"step": step, **metrics})
     every = learner.grpo_config.eval_every_n_steps
@@ -804,6 +812,7 @@ def build_grpo_learner(
     max_prompt_length: int = 256,
     reference: nnx.Module | None = None,
     role_to_mesh: dict | None = None,
+    rollout_engine: str = "vanilla",
     seed: int = 0,
     **training_config_kwargs: Any,
 ) -> GrpoLearner:
@@ -817,6 +826,7 @@ def build_grpo_learner(
   cluster_config = ClusterConfig(
       training_config=RLTrainingConfig(actor_optimizer=optimizer, **training_config_kwargs),
       role_to_mesh=role_to_mesh,
+      rollout_engine=rollout_engine,
       rollout_config=RolloutConfig(
           max_tokens_to_generate=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
           max_prompt_length=max_prompt_length, seed=seed,
