@@ -217,8 +217,8 @@ def test_bad_configuration_is_reported(tokenizer):
     GrpoLearner(cluster, exact_match, GrpoConfig(reward_weights=(1.0, 2.0)))
   with pytest.raises(ValueError, match="max_prompt_length=16"):
     cluster.tokenize_prompts(["1+" * 20 + "1="])
-  with pytest.raises(NotImplementedError, match="vanilla"):
-    _cluster(_one_layer(), tokenizer, rollout_engine="vllm")
+  with pytest.raises(ValueError, match="rollout_engine must be one of"):
+    _cluster(_one_layer(), tokenizer, rollout_engine="sglang")
 
 
 @pytest.mark.parametrize("async_rollout", [False, True])

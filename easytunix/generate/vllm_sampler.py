@@ -64,6 +64,13 @@ def _cpu_list(cpus: Iterable[int]) -> str:
   return ",".join(str(c) for c in sorted(cpus))
 
 
+class _DropTokenizerlessWarmup(logging.Filter):
+  """vLLM warms up a chat template even when it was told to skip the tokenizer, and logs the failure."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Chat template warmup failed" not in record.getMessage()
+
+
 def import_vllm() -> Any:
   """Imports vLLM with the settings easytunix runs it under (an in-process engine; every core on CPU).
 
@@ -81,6 +88,7 @@ def import_vllm() -> Any:
     import vllm
   except ImportError as err:
     raise ImportError(f"VllmSampler needs vLLM, which is not importable here ({err}). {INSTALL_HINT}") from err
+  logging.getLogger("vllm.renderers.base").addFilter(_DropTokenizerlessWarmup())
   return vllm
 
 
