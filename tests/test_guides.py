@@ -1,5 +1,6 @@
 """Every guide's python code blocks run, in order, as a user would paste them."""
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 GUIDES = sorted((Path(__file__).resolve().parent.parent / "guides").glob("*.md"))
 REAL = {"real_weights.md"}
+NEEDS_VLLM = {"vllm.md"}
 
 
 def _blocks(path: Path) -> list[str]:
@@ -20,6 +22,8 @@ def _blocks(path: Path) -> list[str]:
     ids=[g.name for g in GUIDES],
 )
 def test_guide_runs(guide, tmp_path, monkeypatch):
+  if guide.name in NEEDS_VLLM and not os.environ.get("CI") and importlib.util.find_spec("vllm") is None:
+    pytest.skip("needs vLLM: install it with `easytunix setup-vllm` (CI does)")
   blocks = _blocks(guide)
   assert blocks, f"{guide.name} has no python code blocks"
   monkeypatch.chdir(tmp_path)

@@ -236,6 +236,8 @@ class VllmSampler:
       raise ValueError(f"hbm_utilization must be in (0, 1], got {hbm_utilization!r}.")
     if mesh is not None and not isinstance(mesh, Mesh):
       raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}.")
+    self.llm = None
+    vllm = import_vllm()  # before any work: a missing vLLM says how to install it
     model = model_version if isinstance(model_version, nnx.Module) else None
     if model is None:
       if not isinstance(model_version, (str, Path)):
@@ -275,7 +277,6 @@ class VllmSampler:
     self._shapes = shapes
     self.dtype = _torch_dtype_name(dtype)
 
-    vllm = import_vllm()
     cpu = _vllm_is_cpu_build()
     if kv_cache_memory_bytes is None and cpu:
       kv_cache_memory_bytes = self._cpu_kv_bytes()
@@ -313,11 +314,12 @@ class VllmSampler:
   # ------------------------------------------------------------------ sizes
 
   @staticmethod
-  def _folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+  def _folder_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of a model folder or one safetensors file (no tensor data read)."""
     from easytunix.models.safetensors_io import SafetensorsReader, checkpoint_files
 
     shapes = {}
-    for file in checkpoint_files(folder):
+    for file in [path] if Path(path).is_file() else checkpoint_files(path):
       with SafetensorsReader(file) as reader:
         for name in reader.keys():
           shapes[normalize_name(name)] = tuple(reader.shape(name))
@@ -458,6 +460,13 @@ class VllmSampler:
     files = [path] if path.is_file() else checkpoint_files(path)
     start = time.perf_counter()
     seen = set()
+    for file in files:  # every shape is checked before the engine is touched
+      for name, shape in self._folder_shapes(file).items():
+        if name in self._shapes and shape != self._shapes[name]:
+          raise ValueError(
+              f"load_checkpoint: {name} in {file} has shape {list(shape)} but the engine serves "
+              f"{list(self._shapes[name])}; that checkpoint is another architecture or size."
+          )
 
     def tensors() -> Iterator[tuple[str, Any]]:
       import torch
@@ -469,11 +478,6 @@ class VllmSampler:
             if name not in self._shapes:
               continue
             array = reader.get(raw)
-            if tuple(array.shape) != self._shapes[name]:
-              raise ValueError(
-                  f"load_checkpoint: {raw} in {file} has shape {list(array.shape)} but the engine serves "
-                  f"{list(self._shapes[name])}."
-              )
             seen.add(name)
             yield name, torch.from_numpy(np.ascontiguousarray(array))
 
@@ -522,7 +526,9 @@ class VllmSampler:
         ids = self.tokenize(prompt)
       else:
         try:
-          ids = [int(t) for t in np.asarray(prompt).reshape(-1)] if not isinstance(prompt, (int, np.integer)) else None
+          array = np.asarray(prompt)
+          ids = [int(t) for t in array] if array.ndim == 1 and array.dtype.kind in "iu" or (
+              array.ndim == 1 and array.size == 0) else None
         except (TypeError, ValueError):
           ids = None
         if ids is None:
@@ -558,6 +564,8 @@ class VllmSampler:
     Beam search, ``return_logits`` and ``forbidden_tokens`` need the JAX Sampler.
     ``logprobs`` are the raw log-softmax of each generated token, as the JAX Sampler's.
     """
+    if self.llm is None:
+      raise RuntimeError("This VllmSampler was closed; build a new one.")
     for name, value in (("beam_size", beam_size), ("return_logits", return_logits or None),
                         ("forbidden_tokens", forbidden_tokens or None)):
       if value is not None:
