@@ -72,7 +72,7 @@ def test_lora_grpo_of_smollm2_with_vllm_rollouts(vllm_installed):
 
   merged = {tuple(int(k) if k.isdigit() else k for k in path.split(".")): value
             for path, value in model_params(model, merge_lora=True)}
-  reference.update_params(nnx.State.from_flat_path(merged))
+  reference.update_params(nnx.from_flat_state(merged))
   cluster.sync_weights()
   same_greedy()
   cluster.close()

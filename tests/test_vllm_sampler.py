@@ -100,6 +100,10 @@ def test_sampling_seeds_errors_partial_updates_and_load_checkpoint(tokenizer, vl
     top1 = vllm(prompts, 12, temperature=1.0, top_k=1, seed=5, eos_tokens=[])
     assert all(np.array_equal(x, y) for x, y in zip(greedy.tokens, top1.tokens))
     assert vllm.tokenize("hello world") == tokenizer.encode("hello world")
+    raw = vllm.llm.generate([{"prompt_token_ids": vllm.tokenize(p)} for p in prompts],
+                            vllm._vllm.SamplingParams(temperature=0.0, max_tokens=6, detokenize=False),
+                            use_tqdm=False)
+    assert vllm.detokenize(prompts, raw) == vllm(prompts, 6, eos_tokens=tokenizer.eos_ids).text
 
     with pytest.raises(ValueError, match="max_model_len=64"):
       vllm([list(range(1, 60))], 10)

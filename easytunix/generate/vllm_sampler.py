@@ -173,10 +173,11 @@ def _to_torch(value: Any, transpose: bool) -> Any:
       tensor = None
   if tensor is None:
     host = np.asarray(jax.device_get(value))
+    host = np.ascontiguousarray(host) if host.flags.writeable else np.array(host)  # torch wants writable memory
     if host.dtype.name == "bfloat16":
       tensor = torch.from_numpy(host.view(np.uint16)).view(torch.bfloat16)
     else:
-      tensor = torch.from_numpy(np.ascontiguousarray(host))
+      tensor = torch.from_numpy(host)
   return tensor.t() if transpose else tensor
 
 
@@ -479,7 +480,7 @@ class VllmSampler:
               continue
             array = reader.get(raw)
             seen.add(name)
-            yield name, torch.from_numpy(np.ascontiguousarray(array))
+            yield name, torch.from_numpy(np.array(array))  # a writable copy (the file is mapped read-only)
 
     if not self.reloads_in_place:
       params = [(name, torch_tensor.numpy()) for name, torch_tensor in tensors()]
