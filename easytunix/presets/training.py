@@ -458,6 +458,9 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
   cbs.set_params({"epochs": epochs, "steps": batches_per_epoch, "verbose": verbose, "batch_size": batch_size})
 
   previous = state.get("trainer")
+  previous_learner = state.get("learner")
+  if previous_learner is not None:
+    previous_learner.rl_cluster.close_rollout_engine()  # before the new learner starts its own engine
   built = make_trainer(model, spec, max_steps=None, num_epochs=None if max_steps is not None else epochs,
                        show_progress_bar=False)
   learner = built if hasattr(built, "rollout_stream") else None
@@ -469,9 +472,6 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
       trainer._opt_state = previous._opt_state
       trainer._train_steps = previous.train_steps()
     previous.close()
-  previous_learner = state.get("learner")
-  if previous_learner is not None and previous_learner is not learner:
-    previous_learner.rl_cluster.close_rollout_engine()
   if max_steps is not None:
     trainer.config = dataclasses.replace(trainer.config, max_steps=trainer.train_steps() + max_steps)
   state["trainer"], state["learner"] = trainer, learner

@@ -787,7 +787,8 @@ class _RolloutStream:
       with cond:
         cond.notify_all()
       # The thread stops after the group it is making (generation, rewards, log-probs).
-      worker.join(timeout=300)
+      # A vLLM engine must not be stopped under the thread, so with one the wait has no limit.
+      worker.join(timeout=None if cluster.uses_vllm else 300)
       if worker.is_alive():
         logger.warning("The rollout thread is still busy (a slow reward function?); leaving it to finish on its own.")
 
