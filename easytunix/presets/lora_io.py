@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +55,3 @@ def load_adapters(model: nnx.Module, folder: Path, description: dict[str, Any]) 
     m.lora_b.set_value(jax.device_put(tensors[f"{name}.lora_b"], m.lora_b.get_value().sharding))
     m.lora_scale = description["scales"][name]
 
-
-def merged_copy(model: nnx.Module) -> nnx.Module:
-  """A copy of ``model`` with its adapters folded into the kernels."""
-  from easytunix.sft.lora import merge_lora
-
-  graphdef, state = nnx.split(model)
-  clone = nnx.merge(graphdef, copy.deepcopy(state))
-  return merge_lora(clone)

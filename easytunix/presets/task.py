@@ -14,7 +14,6 @@ import weakref
 from pathlib import Path
 from typing import Any, ClassVar
 
-import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -356,17 +355,15 @@ class CausalLMTask:
     """
     from easytunix.presets import lora_io
 
-    model = self
-    if lora_io.has_adapters(self):
-      if not merge_lora:
-        raise ValueError(
-            "This model has LoRA adapters; export_safetensors(merge_lora=False) would drop them. "
-            "Use merge_lora=True, or save_to_preset to keep the adapters separate."
-        )
-      model = lora_io.merged_copy(self)
+    if lora_io.has_adapters(self) and not merge_lora:
+      raise ValueError(
+          "This model has LoRA adapters; export_safetensors(merge_lora=False) would drop them. "
+          "Use merge_lora=True, or save_to_preset to keep the adapters separate."
+      )
     folder = Path(folder)
     _, params = family_for_model_type(self.config.to_hf_config()["model_type"])
-    save_hf_folder(model, folder, params.name_rules(self.config), self.config.to_hf_config())
+    # The adapters are folded in tensor by tensor as they are written: no copy of the model.
+    save_hf_folder(self, folder, params.name_rules(self.config), self.config.to_hf_config(), merge_lora=True)
     self._save_tokenizer(folder)
     return folder
 

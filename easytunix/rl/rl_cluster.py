@@ -147,7 +147,7 @@ class RLTrainingConfig(TrainingConfig):
           f"optax.adamw(1e-5); got {self.actor_optimizer!r}."
       )
     if self.critic_optimizer is not None and not isinstance(self.critic_optimizer, optax.GradientTransformation):
-      raise ValueError(f"RLTrainingConfig.critic_optimizer must be an optax.GradientTransformation or None.")
+      raise ValueError("RLTrainingConfig.critic_optimizer must be an optax.GradientTransformation or None.")
 
   def to_training_config(self) -> TrainingConfig:
     """The :class:`TrainingConfig` part (what a :class:`PeftTrainer` takes)."""
