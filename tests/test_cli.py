@@ -22,3 +22,19 @@ def test_presets_lists_tiny_and_real(capsys):
   assert cli.main(["presets"]) == 0
   text = capsys.readouterr().out
   assert "qwen3_tiny" in text and "smollm2_135m_instruct" in text
+
+
+def test_setup_vllm_is_a_no_op_when_vllm_is_ready(vllm_installed, capsys, monkeypatch):
+  """`make test` runs setup-vllm every time pyproject.toml changes: with vLLM in place it installs nothing."""
+  def no_pip(cmd):
+    raise AssertionError(f"setup-vllm ran {cmd} although vLLM was ready")
+
+  monkeypatch.setattr(cli, "_run", no_pip)
+  assert cli.main(["setup-vllm"]) == 0
+  assert "nothing to do" in capsys.readouterr().out
+
+
+def test_requirement_met_compares_the_installed_version():
+  assert cli._requirement_met("pytest")
+  assert not cli._requirement_met("pytest==0.0.1")
+  assert not cli._requirement_met("no-such-distribution-easytunix")

@@ -179,3 +179,82 @@ def test_convert_refuses_missing_input_and_existing_output(tmp_path: Path) -> No
         convert_gguf_to_hf(src, tmp_path / "out")
     with pytest.raises(ValueError, match="dtype"):
         convert_gguf_to_hf(src, tmp_path / "new", dtype="int8")
+
+
+@pytest.mark.real_weights
+def test_gemma3_tokenizer_follows_the_gguf_whatever_transformers_does(gemma3_dir: Path, gemma3: tuple[Any, Any]) -> None:
+    """The folder's tokenizer adds <bos> because the GGUF says so (tokenizer.ggml.add_bos_token), and
+    the conversion re-checks it: a tokenizer that breaks the GGUF's policy or ids is an error."""
+    from easytunix.convert.gguf import GgufTokenizerSpec, verify_tokenizer
+
+    tokenizer, _ = gemma3
+    config = json.loads((gemma3_dir / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
+    assert tokenizer(GEMMA3_PROMPT).input_ids[:2] == [2, 14946]  # <bos>, then "Once"
+    vocab = tuple(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    spec = GgufTokenizerSpec(tokens=vocab, bos_id=2, eos_id=1, add_bos=True, add_eos=False)
+    verify_tokenizer(tokenizer, spec, dict(REAL_MODELS["gemma3-270m"].encodings))
+    with pytest.raises(RuntimeError, match="BOS 2 must be absent"):
+        verify_tokenizer(tokenizer, GgufTokenizerSpec(vocab, 2, 1, add_bos=False, add_eos=False))
+    with pytest.raises(RuntimeError, match="the GGUF's tokenizer gives"):
+        verify_tokenizer(tokenizer, spec, {"Once upon": [14946, 3324]})
+    with pytest.raises(RuntimeError, match="vocabulary entries differ"):
+        verify_tokenizer(tokenizer, GgufTokenizerSpec(("<x>",) + vocab[1:], 2, 1, True, False))
+    stamp = json.loads((gemma3_dir / real_models.STAMP_FILE).read_text())
+    assert stamp == {"converter_version": real_models.CONVERTER_VERSION, "gguf_sha256": REAL_MODELS["gemma3-270m"].sha256}
+
+
+def test_cached_folder_from_an_older_converter_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EASYTUNIX_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "gemma3-270m"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    assert available_real_model("gemma3-270m") is None  # no stamp: made before the tokenizer check
+    stamp = {"converter_version": real_models.CONVERTER_VERSION - 1, "gguf_sha256": REAL_MODELS["gemma3-270m"].sha256}
+    (folder / real_models.STAMP_FILE).write_text(json.dumps(stamp))
+    assert available_real_model("gemma3-270m") is None
+    stamp["converter_version"] = real_models.CONVERTER_VERSION
+    (folder / real_models.STAMP_FILE).write_text(json.dumps(stamp))
+    assert available_real_model("gemma3-270m") == folder
+
+
+def test_gguf_metadata_reader_matches_the_gguf_package(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from easytunix.convert.gguf import read_gguf_metadata, read_gguf_tokenizer_spec
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<pad>", "<eos>", "<bos>", "▁hi", "héllo 🙂"])
+    writer.add_token_scores([0.0, 0.0, 0.0, -1.5, -2.25])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_add_bos_token(True)
+    writer.add_uint64("test.big", 2**40 + 3)
+    writer.add_array("test.nested", [["a", "b"], ["c"]])
+    writer.add_tensor("w", np.ones((2, 3), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours = read_gguf_metadata(path)
+    theirs = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if not k.startswith("GGUF.")}
+    assert ours.pop("test.nested") == [["a", "b"], ["c"]]  # GGUFReader.contents() flattens nested arrays
+    del theirs["test.nested"]
+    assert ours == theirs
+    spec = read_gguf_tokenizer_spec(path)
+    assert spec.tokens[3:] == ("▁hi", "héllo 🙂")
+    assert (spec.bos_id, spec.eos_id, spec.add_bos, spec.add_eos) == (2, 1, True, False)
+    with pytest.raises(ValueError, match="not a GGUF"):
+        read_gguf_metadata(_write(tmp_path / "x.bin", b"NOPE" + bytes(40)))
+    with pytest.raises(ValueError, match="truncated"):
+        read_gguf_metadata(_write(tmp_path / "cut.gguf", path.read_bytes()[:60]))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

