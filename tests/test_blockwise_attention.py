@@ -1,0 +1,202 @@
+"""Blockwise (memory-linear) attention: parity with the dense layer math, memory, selection."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from easytunix.layers import blockwise_attention as ba
+
+# Tiny GQA shapes: K=2 kv heads, G=2 query heads each; T and S are not multiples
+# of the blocks, and S > T so that q_offset > 0 is a prefill into a cache.
+B, T, S, K, G, H = 2, 13, 19, 2, 2, 8
+BLOCK_Q, BLOCK_K = 4, 5
+
+# float32 round-off: outputs are convex combinations of O(1) values over <= 19
+# keys; the blockwise path reorders the sums and rescales partial sums once per
+# key block (4 blocks), so the error is a few ulps of O(1) (~1e-6; observed
+# <= 7e-7 on outputs and gradients alike). Gradients add up ~T * S such terms of
+# O(1..10), hence the looser 5e-5. Any real masking or scaling bug is O(0.1).
+OUT_TOL = 1e-5
+GRAD_TOL = 5e-5
+
+# LLVM -O0 for the CPU code: the same HLO and buffer assignment (so the same
+# memory figures), a fraction of the compile time of the blockwise gradients.
+COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def dense_reference(q, k, v, mask, scale, softcap=None):
+  """The current layer's math: mask [B, T, S] bool, q [B, T, K, G, H], k/v [B, S, K, H]."""
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * scale
+  if softcap is not None:
+    scores = jnp.tanh(scores / softcap) * softcap
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+
+
+def reference_mask(key_valid, q_offset, t, causal, window):
+  """The full [B, T, S] mask, built in numpy from the factored form."""
+  key_valid = np.asarray(key_valid)
+  s = key_valid.shape[1]
+  q_slots = q_offset + np.arange(t)[:, None]
+  k_slots = np.arange(s)[None, :]
+  allowed = np.ones((t, s), bool)
+  if causal:
+    allowed &= k_slots <= q_slots
+  if window is not None:
+    allowed &= q_slots - k_slots < window
+  return jnp.asarray(key_valid[:, None, :] & allowed[None])
+
+
+def _inputs(seed=0):
+  r = np.random.default_rng(seed)
+  q = jnp.asarray(r.normal(size=(B, T, K, G, H)), jnp.float32)
+  k = jnp.asarray(r.normal(size=(B, S, K, H)), jnp.float32)
+  v = jnp.asarray(r.normal(size=(B, S, K, H)), jnp.float32)
+  cot = jnp.asarray(r.normal(size=(B, T, K, G, H)), jnp.float32)
+  # Row 0: 2 right-padding keys; row 1: 3 left-padding keys (its first query
+  # rows see no key when q_offset = 0, exercising the uniform-average rows).
+  key_valid = np.ones((B, S), bool)
+  key_valid[0, S - 2 :] = False
+  key_valid[1, :3] = False
+  return q, k, v, cot, jnp.asarray(key_valid)
+
+
+@functools.lru_cache(maxsize=None)
+def _outputs_and_grads(causal, window, softcap, scale):
+  """One compiled function per static case: outputs and q/k/v cotangents of both paths."""
+
+  def run(q, k, v, cot, key_valid, q_offset, mask):
+    blockwise = functools.partial(
+        ba.blockwise_attention, scale=scale, key_valid=key_valid, causal=causal, q_offset=q_offset,
+        sliding_window=window, softcap=softcap, block_q=BLOCK_Q, block_k=BLOCK_K,
+    )
+    dense = functools.partial(dense_reference, mask=mask, scale=scale, softcap=softcap)
+    results = []
+    for fn in (blockwise, dense):
+      out, vjp = jax.vjp(fn, q, k, v)
+      results.append((out, *vjp(cot)))
+    return results
+
+  return jax.jit(run)
+
+
+def _compile_and_run(fn, *args):
+  return fn.lower(*args).compile(COMPILE_OPTIONS)(*args)
+
+
+@pytest.mark.parametrize(
+    "causal, window, softcap, scale, q_offset",
+    [
+        pytest.param(True, None, None, H**-0.5, 0, id="causal-padding"),
+        pytest.param(True, None, None, H**-0.5, 6, id="prefill-offset"),  # same compile as above
+        # Window and soft-cap share one compilation (each blockwise gradient costs seconds).
+        pytest.param(True, 4, 1.5, 0.7, 6, id="sliding-window-softcap"),
+    ],
+)
+def test_parity_with_dense(causal, window, softcap, scale, q_offset):
+  """Outputs and q/k/v gradients against the dense reference (GQA, ragged blocks, padding)."""
+  q, k, v, cot, key_valid = _inputs()
+  mask = reference_mask(key_valid, q_offset, T, causal, window)
+  fn = _outputs_and_grads(causal, window, softcap, scale)
+  got, want = _compile_and_run(fn, q, k, v, cot, key_valid, jnp.int32(q_offset), mask)
+  names = ("out", "dq", "dk", "dv")
+  for name, a, b in zip(names, got, want):
+    tol = OUT_TOL if name == "out" else GRAD_TOL
+    assert np.all(np.isfinite(a)), name
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=name)
+  if q_offset == 0:
+    # Row 1's first three queries see no key: both give the mean of v over S.
+    np.testing.assert_allclose(got[0][1, :3], jnp.broadcast_to(v[1].mean(0)[None, :, None], (3, K, G, H)), atol=OUT_TOL)
+
+
+def test_output_dtype_follows_q():
+  q = jax.ShapeDtypeStruct((1, 5, 1, 2, 8), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 5, 1, 8), jnp.bfloat16)
+  out = jax.eval_shape(functools.partial(ba.blockwise_attention, scale=1.0, block_q=2, block_k=2), q, k, k)
+  assert out.shape == q.shape and out.dtype == jnp.bfloat16
+
+
+def _grad_temp_bytes(fn, t):
+  """Temporary bytes of the compiled gradient of sum(attention) at sequence length t."""
+  q = jax.ShapeDtypeStruct((1, t, 1, 1, 16), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, t, 1, 16), jnp.float32)
+  key_valid = jax.ShapeDtypeStruct((1, t), jnp.bool_)
+
+  def loss(q, k, v, key_valid):
+    return fn(q, k, v, key_valid=key_valid).sum()
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, key_valid).compile(COMPILE_OPTIONS)
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_memory_linear_in_sequence():
+  blockwise = functools.partial(ba.blockwise_attention, scale=0.25, block_q=512, block_k=512)
+
+  def dense(q, k, v, key_valid):
+    t = q.shape[1]
+    mask = key_valid[:, None, :] & jnp.tril(jnp.ones((t, t), jnp.bool_))[None]
+    return dense_reference(q, k, v, mask, 0.25)
+
+  small, large = 2048, 8192  # 4x the length: a quadratic path needs ~16x
+  bw = [_grad_temp_bytes(blockwise, t) for t in (small, large)]
+  dn = [_grad_temp_bytes(dense, t) for t in (small, large)]
+  print(f"temp bytes blockwise {bw}, dense {dn}")
+  assert bw[1] / bw[0] < 6, bw
+  assert dn[1] / dn[0] > 8, dn  # the measurement does tell quadratic from linear
+  assert bw[1] < dn[1] / 8, (bw, dn)
+
+
+def test_select_implementation_on_cpu():
+  assert jax.default_backend() == "cpu"
+  q = jnp.zeros((1, 4, 1, 2, 64), jnp.bfloat16)
+  k = jnp.zeros((1, 4, 1, 64), jnp.bfloat16)
+  # A case cuDNN could serve on a GPU runs dense on CPU for short keys, blockwise for long ones.
+  assert ba.cudnn_unsupported_reason(q, k) is None
+  assert ba.select_implementation(q, k) == "xla"
+  long_k = jnp.zeros((1, ba.DENSE_MAX_KEYS + 1, 1, 64), jnp.bfloat16)
+  assert ba.select_implementation(q, long_k) == "blockwise"
+  assert ba.select_implementation(q, k, implementation="xla") == "xla"
+  with pytest.raises(ValueError, match="NVIDIA GPU"):
+    ba.select_implementation(q, k, implementation="cudnn")
+  with pytest.raises(ValueError, match="NVIDIA GPU"):
+    ba.attention(q, k, k, scale=1.0, implementation="cudnn")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    ba.select_implementation(q, k, implementation="flash")
+  # The cases that keep cuDNN out.
+  assert "soft-capping" in ba.cudnn_unsupported_reason(q, k, softcap=50.0)
+  assert "bf16/fp16" in ba.cudnn_unsupported_reason(q.astype(jnp.float32), k.astype(jnp.float32))
+  assert "kv_lengths" in ba.cudnn_unsupported_reason(q, k, key_valid=jnp.ones((1, 4), bool))
+  assert "q_offset" in ba.cudnn_unsupported_reason(q, k, q_offset=jnp.int32(0))
+  assert "head width" in ba.cudnn_unsupported_reason(q[..., :12], k[..., :12])
+  assert "causal" in ba.cudnn_unsupported_reason(q, k, causal=False, sliding_window=4)
+
+
+def test_auto_and_cudnn_argument_mapping():
+  """attention(auto) on CPU, and the arguments the cuDNN path passes to
+  jax.nn.dot_product_attention (run here with its "xla" implementation), match
+  the reference for right padding given as lengths plus a sliding window."""
+  q, k, v, _, _ = _inputs(1)
+  k, v = k[:, :T], v[:, :T]
+  lengths = jnp.array([T, T - 4], jnp.int32)
+  key_valid = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+  mask = reference_mask(key_valid, 0, T, True, 5)
+  want = dense_reference(q, k, v, mask, 0.3)
+
+  @jax.jit
+  def both(q, k, v, lengths):
+    mapped = ba._jax_nn_attention(
+        q, k, v, scale=0.3, kv_lengths=lengths, causal=True, sliding_window=5, implementation="xla"
+    )
+    auto = ba.attention(q, k, v, scale=0.3, kv_lengths=lengths, sliding_window=5, block_q=BLOCK_Q, block_k=BLOCK_K)
+    return mapped, auto
+
+  mapped, auto = _compile_and_run(both, q, k, v, lengths)
+  np.testing.assert_allclose(mapped, want, rtol=OUT_TOL, atol=OUT_TOL)
+  np.testing.assert_allclose(auto, want, rtol=OUT_TOL, atol=OUT_TOL)
