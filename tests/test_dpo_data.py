@@ -9,7 +9,8 @@ import pytest
 from easytunix.generate.tokenizer_adapter import TokenizerAdapter
 from easytunix.rl.dpo import DpoTrainingConfig, dpo_batches, process_dpo_record, tokenize_preference
 from easytunix.rl.dpo.data import PreferencePair, layout_pairs, truncate_pair
-from easytunix.rl.dpo.synthetic import addition_preference_task, answer_style_task
+from easytunix.rl.dpo.synthetic import answer_style_task
+from tests.tasks import addition_preference_task
 
 ASSETS = Path(__file__).resolve().parent.parent / "easytunix" / "presets" / "assets"
 

@@ -47,7 +47,10 @@ def test_lora_dpo_of_smollm2_grows_the_reward_margin():
   margins = trainer.metrics_logger.values("rewards/margin")
   held_out_margin = trainer.metrics_logger.latest("rewards/margin", mode="eval")
   print(f"train margins {np.round(margins, 3)}; held-out margin {held_out_margin:.3f}")
-  assert abs(margins[0]) < 1e-3  # the first step is measured before any update: adapters at zero, policy == reference
+  # The first step is measured before any update: adapters at zero, policy == reference, up to float32
+  # round-off between two compiled programs in sums of <= 64 token log-probs (~1e-5 after beta = 0.1);
+  # 1e-3 is 100x that and still far below the trained margins (> 0.3 below).
+  assert abs(margins[0]) < 1e-3
   assert np.mean(margins[-2:]) > 0.3 and np.mean(margins[-2:]) > np.mean(margins[:2])
   assert held_out_margin > 0.1
   assert trainer.num_train_step_traces == 1

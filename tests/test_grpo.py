@@ -37,6 +37,11 @@ def make_mesh(shape, names, devices):
 
 
 TINY_BPE = Path(__file__).resolve().parent.parent / "easytunix" / "presets" / "assets" / "tiny_bpe"
+# Per-token log-probs (|.| ~ 6.4 for a 512-token vocabulary, ulp 4.8e-7) of one model computed by two
+# different float32 programs (cached decode vs a full forward, LoRA switched off vs a plain model):
+# a log-softmax over 512 logits in another order, measured <= 4.8e-7 apart. 2e-5 is ~40 ulps; a wrong
+# token shift, position or reference moves them by > 1e-2.
+LOGP_ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +123,13 @@ def test_objective_equals_numpy(algo, with_old, with_ref):
   adv = compute_advantages(rng.integers(0, 3, n).astype(float), 3)
   loss, aux = grpo_objective(logps, mask, adv, old, ref, beta=0.04, epsilon=0.2, loss_algo=algo)
   want_loss, want_kl, want_clip = _numpy_objective(logps, mask, adv, old, ref, 0.04, 0.2, algo)
+  # float32 inputs (rounded from float64) and sums of <= 30 O(1) terms vs a float64 loop: ~1e-7
+  # relative (measured: <= 2.4% of this bound used); a wrong clip branch, mask or 1/|y| weight is > 1e-2 off.
   np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5, atol=1e-6)
   if with_ref:
+    # exp(d) - d - 1 cancels to ~d^2/2 ~ 0.08: its float32 error is ~1e-7 absolute per token.
     np.testing.assert_allclose(float(aux["kl"]), want_kl, rtol=1e-5, atol=1e-7)
+  # A ratio of counts (~20 tokens): one float32 rounding; one token more or less clipped moves it by ~5e-2.
   np.testing.assert_allclose(float(aux["clip_fraction"]), want_clip, atol=1e-6)
   assert float(aux["num_tokens"]) == n - 1
   if with_old:
@@ -141,6 +150,8 @@ def test_gradients_token_vs_sequence_ratio():
     seq = np.exp(((np.asarray(logps - old)) * np.asarray(mask)).sum(1) / lengths)
     r = ratio_t if algo == "grpo" else np.repeat(seq[:, None], c, 1)
     want = -np.asarray(adv)[:, None] * r / (n * lengths[:, None]) * np.asarray(mask)
+    # A handful of float32 ops per entry (~1e-7 relative); the other ratio (token vs sequence) differs
+    # by > 1e-2. Masked-out tokens must get 0: the atol is ~1e-6 of the largest gradient (~0.17).
     np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-7)
 
 
@@ -156,11 +167,13 @@ def test_loss_fn_uses_the_model_and_its_logps_match_the_sampler(tokenizer):
   for i in range(3):
     n = len(out.tokens[i])
     np.testing.assert_array_equal(rollout.completion_ids[i, :n], out.tokens[i])
-    np.testing.assert_allclose(lp[i, :n], out.logprobs[i], atol=2e-5)
+    np.testing.assert_allclose(lp[i, :n], out.logprobs[i], rtol=0, atol=LOGP_ATOL)
   example = TrainExample(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
                          advantages=np.asarray([1.0, -0.5, 0.25], np.float32))
   loss, aux = grpo_loss_fn(model, example, beta=0.1, epsilon=0.2, loss_algo="grpo")
   want, _ = grpo_objective(lp, rollout.completion_mask, example.advantages, None, None, beta=0.1, epsilon=0.2)
+  # Without pi_old or a reference every ratio is exactly 1: both are -mean(advantages) = -0.25 up to a
+  # few float32 roundings; a wrong sign, weight or mask is off by > 1e-2.
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-6, atol=1e-7)
 
 
@@ -171,8 +184,9 @@ def test_advantages_are_group_relative():
   rewards = np.asarray([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
   adv = compute_advantages(rewards, 4)
   group = rewards[:4]
+  # float64 math cast once to float32: half an ulp (6e-8 relative); ddof=0 or a missing epsilon is > 1e-4 off.
   np.testing.assert_allclose(adv[:4], (group - group.mean()) / (group.std(ddof=1) + 1e-4), rtol=1e-6)
-  np.testing.assert_array_equal(adv[4:], 0.0)  # a group that all scored the same teaches nothing
+  np.testing.assert_array_equal(adv[4:], 0.0)  # exact: equal rewards minus their mean; nothing to teach
   with pytest.raises(ValueError, match="groups of num_generations=3"):
     compute_advantages(rewards, 3)
 
@@ -355,8 +369,10 @@ def test_offload_keeps_the_idle_reference_in_host_memory(tokenizer):
   _move_memory(reference, "pinned_host")
   rollout = plain.rollout(plain.tokenize_prompts(["1+2=", "30+4="]), seed=0)
   args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-  np.testing.assert_allclose(np.asarray(offloaded.get_ref_per_token_logps(*args)),
-                             np.asarray(plain.get_ref_per_token_logps(*args)), atol=1e-6)
+  # The offloaded copy is moved back before it runs the same compiled log-prob program on the same
+  # weights and inputs: bitwise equal.
+  np.testing.assert_array_equal(np.asarray(offloaded.get_ref_per_token_logps(*args)),
+                                np.asarray(plain.get_ref_per_token_logps(*args)))
   assert {x.sharding.memory_kind for x in jax.tree.leaves(nnx.state(reference))} == {"pinned_host"}
 
 
@@ -373,7 +389,7 @@ def test_lora_reference_is_the_base_weights(tokenizer):
   rollout = cluster.rollout(cluster.tokenize_prompts(["1+2="]), seed=0)
   args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
   np.testing.assert_allclose(np.asarray(cluster.get_ref_per_token_logps(*args)),
-                             np.asarray(completion_logps(base, *args)), atol=1e-5)
+                             np.asarray(completion_logps(base, *args)), rtol=0, atol=LOGP_ATOL)
   assert not np.allclose(np.asarray(cluster.get_old_per_token_logps(*args)), np.asarray(completion_logps(base, *args)))
 
 
@@ -395,4 +411,4 @@ def test_accumulation_over_prompts_of_different_lengths_is_deterministic_with_ev
     assert learner.trainer.train_steps() == 2 and learner.trainer.num_train_step_traces == 1
     assert [step for step, _ in learner.eval_history] == [1, 2]  # every step (the last one by the final evaluation)
     losses.append(learner.trainer.metrics_logger.values("loss"))
-  assert losses[0] == losses[1]
+  assert losses[0] == losses[1]  # exact: the same compiled steps on the same seeded inputs

@@ -62,7 +62,11 @@ def test_lora_grpo_of_smollm2_with_vllm_rollouts(vllm_installed):
   print("reward", log.values("reward"), "kl", log.values("kl"), "lengths", log.values("completion_length"))
   assert learner.trainer.train_steps() == 3
   assert all(np.isfinite(log.values("loss")))
-  assert log.values("kl")[0] == 0.0 and log.values("kl")[-1] > 0.0  # adapters start at zero, then move
+  # Adapters start at zero, so the first step's policy is the reference, but computed by another compiled
+  # program (train step vs reference pass): log-probs differ by float32 round-off d, and exp(d) - d - 1
+  # cancels to 0 or +-6e-8 per token rather than exactly 0. Non-zero starting adapters (d ~ 1e-1) give
+  # KL ~ 5e-3. Then the adapters move.
+  assert abs(log.values("kl")[0]) <= 1e-6 and log.values("kl")[-1] > 0.0
   assert np.mean(log.values("rewards/last_number_match")) > 0.2  # the instruct model can add small numbers
   base_after = jax.tree.map(np.asarray, nnx.to_pure_dict(lora.base_params(model)))
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, base_before, base_after)))

@@ -40,4 +40,8 @@ def test_incremental_decode_matches_full_forward(name):
     outs.append(step)
   incremental = jnp.concatenate(outs, axis=1)
   assert int(cache.index) == tokens.shape[1]
-  np.testing.assert_allclose(np.asarray(incremental)[np.asarray(mask)], np.asarray(full)[np.asarray(mask)], atol=2e-5)
+  # Decoding through the cache attends over another key length than the full pass, so float32 sums run
+  # in another order: logits agree to ~1e-6 of the largest |logit| (measured <= 9.5e-7); a wrong
+  # position, cache slot or mask is off by O(1) of it.
+  want = np.asarray(full)[np.asarray(mask)]
+  np.testing.assert_allclose(np.asarray(incremental)[np.asarray(mask)], want, rtol=0, atol=2e-5 * np.abs(want).max())

@@ -48,6 +48,9 @@ def test_real_logits_match_transformers(name):
   got = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))[0])
   diff = np.abs(got - expected)[mask]
   scale = np.abs(expected[mask]).max()
+  # Real checkpoints (up to thousands of hidden units and dozens of layers) sum far more float32 terms
+  # than the tiny parity models (2e-5 there): 1e-3 of the largest |logit| still separates round-off from a
+  # wrong convention, and the argmax check below must hold everywhere.
   assert diff.max() / scale <= 1e-3, f"{name}: max |diff| {diff.max():.3e}, max |logit| {scale:.2f}"
   # Same next-token choice everywhere.
   assert (got.argmax(-1)[mask] == expected.argmax(-1)[mask]).mean() == 1.0

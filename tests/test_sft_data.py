@@ -10,7 +10,8 @@ from easytunix.generate.tokenizer_adapter import TokenizerAdapter
 from easytunix.models.gemma.data import GEMMA_INSTRUCT_TEMPLATE, GemmaTokenizer, create_datasets
 from easytunix.sft import data as data_lib
 from easytunix.sft.peft_trainer import TrainingInput
-from easytunix.sft.synthetic import addition_task, exact_match, reversal_task
+from easytunix.sft.synthetic import addition_task, exact_match_rate
+from tests.tasks import reversal_task
 
 ASSETS = Path(__file__).resolve().parent.parent / "easytunix" / "presets" / "assets"
 
@@ -172,9 +173,9 @@ def test_addition_task_splits_and_scoring():
   assert addition_task(num_eval=100, seed=0).eval == task.eval
   assert addition_task(num_eval=100, seed=1).eval != task.eval
   assert task.score(task.eval_answers) == 1.0
-  assert exact_match([" 19 ", "3"], ["19", "4"]) == 0.5
+  assert exact_match_rate([" 19 ", "3"], ["19", "4"]) == 0.5
   with pytest.raises(ValueError, match="2 predictions for 1 references"):
-    exact_match(["1", "2"], ["1"])
+    exact_match_rate(["1", "2"], ["1"])
 
 
 def test_reversal_task():

@@ -14,7 +14,6 @@ from easytunix.generate.tokenizer_adapter import TokenizerAdapter
 ASSETS = Path(__file__).resolve().parents[1] / "easytunix" / "presets" / "assets"
 TINY_BPE = ASSETS / "tiny_bpe"
 TINY_SP = ASSETS / "tiny_sp"
-REAL_MODELS = Path("~/.cache/easytunix/models").expanduser()
 
 TEXTS = [
     "",
@@ -425,10 +424,10 @@ REAL_FOLDERS = {
 
 
 def _real_folder(name: str) -> Path:
-    folder = REAL_MODELS / name
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent (created by the converter; run the real_weights conversion first)")
-    return folder
+    """The converted folder of a real model (converted into the cache on first use, like every real_weights test)."""
+    from easytunix.convert.real_models import ensure_real_model
+
+    return ensure_real_model(name)
 
 
 @pytest.mark.real_weights
@@ -472,3 +471,37 @@ def test_real_chat_template_matches_transformers(name, auto_tokenizer):
             assert ids == hf(text, add_special_tokens=False)["input_ids"]
             if ours.bos_id is not None and ours.add_bos:
                 assert ids.count(ours.bos_id) == 1
+
+
+def test_eos_and_pad_lookup_reads_any_tokenizer():
+    from easytunix.generate.tokenizer_adapter import (
+        as_tokenizer,
+        tokenizer_eos_id,
+        tokenizer_eos_ids,
+        tokenizer_pad_id,
+    )
+
+    adapter = TokenizerAdapter.from_pretrained(TINY_BPE)
+    assert tokenizer_eos_ids(adapter) == adapter.eos_ids and tokenizer_eos_id(adapter) == adapter.eos_id
+    assert tokenizer_pad_id(adapter) == adapter.pad_id
+    assert as_tokenizer(adapter) is adapter and as_tokenizer(None) is None
+
+    class Methods:  # SentencePiece style: ids behind methods, -1 for none
+        def eos_id(self):
+            return 7
+
+        def pad_id(self):
+            return -1
+
+    class HfStyle:  # transformers style names, a list of EOS ids
+        eos_token_id = [5, 9]
+        pad_token_id = 4
+
+    assert tokenizer_eos_ids(Methods()) == (7,) and tokenizer_eos_id(Methods()) == 7
+    assert tokenizer_pad_id(Methods()) == 0 and tokenizer_pad_id(Methods(), fallback_to_eos=True) == 7
+    assert tokenizer_eos_ids(HfStyle()) == (5, 9) and tokenizer_eos_id(HfStyle()) == 5
+    assert tokenizer_pad_id(HfStyle()) == 4
+    assert tokenizer_eos_ids(object()) == () and tokenizer_eos_id(object()) is None
+    assert tokenizer_pad_id(object()) == 0 and tokenizer_pad_id(None) == 0 and tokenizer_eos_ids(None) == ()
+    with pytest.raises(TypeError, match="tokenizer must be"):
+        as_tokenizer(42)

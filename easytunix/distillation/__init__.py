@@ -28,11 +28,13 @@ from easytunix.distillation.strategies import (
     TokenLabels,
     default_functions,
 )
+from easytunix.distillation.recipe import DistillationRecipe
 
 __all__ = [
     "AttentionProjectionStrategy",
     "AttentionTransferStrategy",
     "BaseStrategy",
+    "DistillationRecipe",
     "DistillationTrainer",
     "FeaturePoolingStrategy",
     "FeatureProjectionStrategy",

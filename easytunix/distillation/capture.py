@@ -3,40 +3,53 @@
 Distillation strategies compare what happens inside the student and the teacher.
 :func:`capture_intermediates` runs a forward function once and returns, besides
 its result, the output of every module of a chosen class and the attention
-weights of every module of a chosen attention class, in layer order.
+weights of every module of a chosen attention class, in call order.
 
-Nothing about the model changes for longer than the call: matching modules are
-switched, for the duration of the call only, to a subclass that logs the call
-and sows their output (attention modules also get ``capture_weights=True``);
-both are undone in a ``finally``. The forward computation itself is untouched, so results are
-identical with and without capturing.
+What a module records is declared by the module: a layer lists the intermediates
+it can sow in ``sown_intermediates`` and sows one when the active
+:func:`~easytunix.layers.attention.sow_intermediates` request asks for it
+(easytunix's ``DecoderLayer`` sows its output, ``Attention`` its softmax weights).
+A capture builds that request (which module instances, which values), runs the
+forward pass inside ``nnx.capture`` and reads the sown values back. The model is
+never modified and the computation is the same, so results are identical with
+and without capturing.
+
+Modules that declare nothing (a leaf such as ``Linear``, a user's own block,
+flax's ``nnx.MultiHeadAttention``) are recorded by a wrapper around their class's
+``__call__`` for the duration of the capture, as ``nnx.capture(method_outputs=...)``
+does, narrowed to the requested classes. The wrapper records only what the
+context-local request asks for, so other instances and threads run unchanged;
+``nnx.MultiHeadAttention`` is called with ``sow_weights=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
 from flax import nnx
 
-FEATURE_NAME = "distillation_features"
-ATTENTION_NAME = "attention_weights"
+from easytunix.layers.attention import ATTENTION_WEIGHTS, LAYER_OUTPUT, should_sow, sow_intermediates
 
-_RECORDING_SUBCLASSES: dict[type, type] = {}
-
-
-class _CallLog:
-  """Which instrumented modules ran, in call order (ids), and whose output to sow."""
-
-  def __init__(self, sow_ids: set[int]):
-    self.sow_ids = sow_ids
-    self.calls: list[int] = []
+FEATURE_NAME = LAYER_OUTPUT
+ATTENTION_NAME = ATTENTION_WEIGHTS
 
 
-_ACTIVE_LOG: contextvars.ContextVar["_CallLog | None"] = contextvars.ContextVar("distillation_call_log", default=None)
+class _Request:
+  """Which modules (ids) should sow which value, and the order in which they did."""
+
+  def __init__(self, wanted: dict[str, set[int]]):
+    self.wanted = wanted
+    self.calls: dict[str, list[int]] = {name: [] for name in wanted}
+
+  def __call__(self, module: nnx.Module, name: str) -> bool:
+    if id(module) not in self.wanted.get(name, ()):
+      return False
+    self.calls[name].append(id(module))
+    return True
 
 
 def first_array(output: Any) -> jax.Array:
@@ -49,23 +62,67 @@ def first_array(output: Any) -> jax.Array:
   return output
 
 
-def _recording_subclass(cls: type) -> type:
-  """A subclass of ``cls`` whose ``__call__`` logs the call and, when asked, sows its output (cached per class)."""
-  sub = _RECORDING_SUBCLASSES.get(cls)
-  if sub is None:
+def declares(module: nnx.Module, name: str) -> bool:
+  """Whether ``module`` sows ``name`` itself when a request asks (lists it in ``sown_intermediates``)."""
+  return name in getattr(type(module), "sown_intermediates", ())
 
-    def __call__(self, *args, **kwargs):
-      log = _ACTIVE_LOG.get()
-      if log is not None:
-        log.calls.append(id(self))
-      out = cls.__call__(self, *args, **kwargs)
-      if log is not None and id(self) in log.sow_ids:
-        self.sow(nnx.Intermediate, FEATURE_NAME, first_array(out))
-      return out
 
-    sub = type(f"Capturing{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
-    _RECORDING_SUBCLASSES[cls] = sub
-  return sub
+def can_report_attention(module: nnx.Module) -> bool:
+  """Whether attention weights can be captured from ``module``: it declares them, or is an ``nnx.MultiHeadAttention``."""
+  return declares(module, ATTENTION_WEIGHTS) or isinstance(module, nnx.MultiHeadAttention)
+
+
+# ----------------------------------------------------------------------------- modules that declare nothing
+
+_WRAP_LOCK = threading.Lock()
+_WRAPPED: dict[type, list[Any]] = {}  # class -> [its own __call__ (None: inherited), captures using the wrapper]
+
+
+def _recording_call(cls: type, own: Callable[..., Any] | None) -> Callable[..., Any]:
+  """``cls.__call__`` that also sows what the active request asks of the instance."""
+
+  def __call__(self, *args, **kwargs):
+    call = own.__get__(self, cls) if own is not None else super(cls, self).__call__
+    if type(self) is not cls:  # reached through super() from a subclass: the subclass's wrapper records
+      return call(*args, **kwargs)
+    if isinstance(self, nnx.MultiHeadAttention) and should_sow(self, ATTENTION_WEIGHTS):
+      kwargs["sow_weights"] = True
+    out = call(*args, **kwargs)
+    if should_sow(self, LAYER_OUTPUT):
+      self.sow(nnx.Intermediate, LAYER_OUTPUT, first_array(out))
+    return out
+
+  return __call__
+
+
+@contextlib.contextmanager
+def _recording_wrappers(classes: Iterable[type]) -> Iterator[None]:
+  """Wraps ``__call__`` of each class for the block (shared, reference-counted across nested captures)."""
+  classes = list(classes)
+  with _WRAP_LOCK:
+    for cls in classes:
+      entry = _WRAPPED.get(cls)
+      if entry is None:
+        own = cls.__dict__.get("__call__")
+        entry = _WRAPPED[cls] = [own, 0]
+        setattr(cls, "__call__", _recording_call(cls, own))
+      entry[1] += 1
+  try:
+    yield
+  finally:
+    with _WRAP_LOCK:
+      for cls in classes:
+        entry = _WRAPPED[cls]
+        entry[1] -= 1
+        if entry[1] == 0:
+          del _WRAPPED[cls]
+          if entry[0] is None:
+            delattr(cls, "__call__")
+          else:
+            setattr(cls, "__call__", entry[0])
+
+
+# ----------------------------------------------------------------------------- capture
 
 
 def find_modules(model: nnx.Module, layer_type: type | tuple[type, ...]) -> list[tuple[tuple[Any, ...], nnx.Module]]:
@@ -73,31 +130,8 @@ def find_modules(model: nnx.Module, layer_type: type | tuple[type, ...]) -> list
   return [(tuple(path), m) for path, m in nnx.iter_modules(model) if isinstance(m, layer_type)]
 
 
-@contextlib.contextmanager
-def _instrumented(feature_modules: list[nnx.Module], attention_modules: list[nnx.Module]) -> Iterator[_CallLog]:
-  modules = list({id(m): m for m in feature_modules + attention_modules}.values())
-  classes = [(m, type(m)) for m in modules]
-  flags = [(m, getattr(m, "capture_weights")) for m in attention_modules]
-  log = _CallLog({id(m) for m in feature_modules})
-  token = None
-  try:
-    for m, cls in classes:
-      object.__setattr__(m, "__class__", _recording_subclass(cls))
-    for m, _ in flags:
-      object.__setattr__(m, "capture_weights", True)
-    token = _ACTIVE_LOG.set(log)
-    yield log
-  finally:
-    if token is not None:
-      _ACTIVE_LOG.reset(token)
-    for m, cls in classes:
-      object.__setattr__(m, "__class__", cls)
-    for m, flag in flags:
-      object.__setattr__(m, "capture_weights", flag)
-
-
 def _in_call_order(entries: list[tuple[tuple[Any, ...], nnx.Module]], state: nnx.State, name: str, calls: list[int]) -> list[jax.Array]:
-  """The values each module sowed under ``name``, ordered by when the module ran (its k-th value: its k-th call)."""
+  """The values each module sowed under ``name``, ordered by when the module sowed (its k-th value: its k-th call)."""
   values = {id(m): _lookup(state, path, name) for path, m in entries}
   used = dict.fromkeys(values, 0)
   ordered = []
@@ -140,17 +174,17 @@ def capture_intermediates(
     feature_layer: collect the output of every module of this class (the first
       array of a tuple output), one entry per call, in the order of the calls.
     attention_layer: collect the attention weights ([B, heads, T, S] softmax
-      probabilities) of every module of this class; it must have a
-      ``capture_weights`` attribute and, when it is True, sow them under
-      ``"attention_weights"`` (as :class:`easytunix.layers.attention.Attention` does);
-      one entry per call, in the order of the calls.
+      probabilities) of every module of this class, one entry per call, in the
+      order of the calls. The class declares ``"attention_weights"`` in its
+      ``sown_intermediates`` and sows them when ``should_sow`` says so (as
+      :class:`easytunix.layers.attention.Attention` does), or is an ``nnx.MultiHeadAttention``.
 
   Returns:
     ``(result, features, attention_weights)``: lists of arrays (empty when not asked for).
 
   Raises:
-    ValueError: a requested class has no instance in ``model``.
-    TypeError: an attention module cannot sow its weights.
+    ValueError: a requested class has no instance in ``model``, or none of them ran.
+    TypeError: an attention module cannot report its weights.
   """
   feature_entries = find_modules(model, feature_layer) if feature_layer is not None else []
   attention_entries = find_modules(model, attention_layer) if attention_layer is not None else []
@@ -160,22 +194,29 @@ def capture_intermediates(
     if not attention_entries:
       raise ValueError(f"{type(model).__name__} has no {layer_names(attention_layer)} module to capture attention from.")
     for path, m in attention_entries:
-      if not hasattr(m, "capture_weights"):
+      if not can_report_attention(m):
         raise TypeError(
-            f"{type(m).__name__} at {'.'.join(map(str, path))} has no `capture_weights` attribute: attention "
-            "distillation needs attention layers that sow their softmax weights as 'attention_weights' when "
-            "capture_weights is True (like easytunix.layers.attention.Attention)."
+            f"{type(m).__name__} at {'.'.join(map(str, path))} cannot report its attention weights: attention "
+            "distillation needs attention layers that declare sown_intermediates = ('attention_weights',) and sow "
+            "their softmax weights when should_sow(self, 'attention_weights') (like easytunix.layers.attention."
+            "Attention), or an nnx.MultiHeadAttention."
         )
   if not feature_entries and not attention_entries:
     return fn(model), [], []
-  with _instrumented([m for _, m in feature_entries], [m for _, m in attention_entries]) as log:
+  request = _Request({
+      LAYER_OUTPUT: {id(m) for _, m in feature_entries},
+      ATTENTION_WEIGHTS: {id(m) for _, m in attention_entries},
+  })
+  undeclared = {type(m) for _, m in feature_entries if not declares(m, LAYER_OUTPUT)}
+  undeclared |= {type(m) for _, m in attention_entries if not declares(m, ATTENTION_WEIGHTS)}
+  with _recording_wrappers(sorted(undeclared, key=lambda c: (c.__module__, c.__qualname__))), sow_intermediates(request):
     try:
       result, state = nnx.capture(fn, nnx.Intermediate)(model)
     except BaseException:
       _clear_captures(model)
       raise
-  features = _in_call_order(feature_entries, state, FEATURE_NAME, log.calls)
-  attention = _in_call_order(attention_entries, state, ATTENTION_NAME, log.calls)
+  features = _in_call_order(feature_entries, state, LAYER_OUTPUT, request.calls[LAYER_OUTPUT])
+  attention = _in_call_order(attention_entries, state, ATTENTION_WEIGHTS, request.calls[ATTENTION_WEIGHTS])
   if feature_entries and not features:
     raise ValueError(f"No {layer_names(feature_layer)} module of {type(model).__name__} was called by the forward pass.")
   if attention_entries and not attention:
@@ -191,4 +232,13 @@ def layer_names(layer_type: type | tuple[type, ...]) -> str:
   return " / ".join(t.__name__ for t in types)
 
 
-__all__ = ["ATTENTION_NAME", "FEATURE_NAME", "capture_intermediates", "find_modules", "first_array", "layer_names"]
+__all__ = [
+    "ATTENTION_NAME",
+    "FEATURE_NAME",
+    "can_report_attention",
+    "capture_intermediates",
+    "declares",
+    "find_modules",
+    "first_array",
+    "layer_names",
+]

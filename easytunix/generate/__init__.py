@@ -1,5 +1,6 @@
 """Text generation: the JAX sampler (greedy, top-p/top-k, beam search, streaming) and the tokenizer adapter."""
 
+from easytunix.generate.base_sampler import BaseSampler
 from easytunix.generate.sampler import (
     CacheConfig,
     SampleState,
@@ -12,6 +13,7 @@ from easytunix.generate.sampler import (
 from easytunix.generate.tokenizer_adapter import TokenizerAdapter
 
 __all__ = [
+    "BaseSampler",
     "CacheConfig",
     "SampleState",
     "Sampler",

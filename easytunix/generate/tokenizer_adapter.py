@@ -28,7 +28,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TokenizerAdapter", "CHAT_END_TOKENS"]
+__all__ = [
+    "CHAT_END_TOKENS",
+    "TokenizerAdapter",
+    "as_tokenizer",
+    "tokenizer_eos_id",
+    "tokenizer_eos_ids",
+    "tokenizer_pad_id",
+]
 
 # Tokens that end an assistant turn in common chat formats. When one of them is
 # in the vocabulary it is added to ``TokenizerAdapter.eos_ids`` so generation
@@ -736,3 +743,91 @@ def _is_sp_processor(obj: Any) -> bool:
     except ImportError:  # pragma: no cover - sentencepiece is a dependency
         return False
     return isinstance(obj, spm.SentencePieceProcessor)
+
+
+# ----------------------------------------------------------------- any tokenizer
+#
+# Samplers and data pipelines take a TokenizerAdapter or any object with the
+# usual attributes (``eos_id`` / ``eos_ids`` / ``pad_id`` as values or methods,
+# or transformers' ``eos_token_id`` / ``pad_token_id``). These read them in one place.
+
+
+def _attribute(tokenizer: Any, name: str) -> Any:
+    """``tokenizer.<name>``, called when it is a method (SentencePiece's ``eos_id()``); None when absent."""
+    value = getattr(tokenizer, name, None)
+    return value() if callable(value) else value
+
+
+def as_tokenizer(tokenizer: Any) -> Any:
+    """Wraps a raw ``tokenizers.Tokenizer`` / SentencePieceProcessor in a TokenizerAdapter; keeps others.
+
+    Args:
+        tokenizer: A TokenizerAdapter, a raw tokenizer, any object with
+            ``encode(text)`` and ``decode(ids)``, or None.
+
+    Returns:
+        The tokenizer to use (None stays None).
+
+    Raises:
+        TypeError: If ``tokenizer`` can neither encode nor decode.
+    """
+    if tokenizer is None or isinstance(tokenizer, TokenizerAdapter):
+        return tokenizer
+    if _is_hf_tokenizer(tokenizer) or _is_sp_processor(tokenizer):
+        return TokenizerAdapter(tokenizer)
+    if not (callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None))):
+        raise TypeError(
+            "tokenizer must be a TokenizerAdapter, a tokenizers.Tokenizer, a SentencePieceProcessor or any object "
+            f"with encode(text) -> ids and decode(ids); got {type(tokenizer).__name__}."
+        )
+    return tokenizer
+
+
+def tokenizer_eos_id(tokenizer: Any) -> int | None:
+    """The tokenizer's EOS id (``eos_id``, else ``eos_token_id``; the first of a list), or None."""
+    if tokenizer is None:
+        return None
+    value = _attribute(tokenizer, "eos_id")
+    if value is None:
+        value = _attribute(tokenizer, "eos_token_id")
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None or int(value) < 0 else int(value)
+
+
+def tokenizer_eos_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Every id that ends generation: ``eos_ids`` when the tokenizer has them, else its single EOS id.
+
+    Returns:
+        The non-negative ids, in order; empty when there is no tokenizer or no EOS.
+    """
+    if tokenizer is None:
+        return ()
+    ids = _attribute(tokenizer, "eos_ids")
+    if not ids:
+        value = _attribute(tokenizer, "eos_id")
+        if value is None:
+            value = _attribute(tokenizer, "eos_token_id")
+        ids = [] if value is None else (value if isinstance(value, (list, tuple)) else [value])
+    return tuple(int(i) for i in ids if i is not None and int(i) >= 0)
+
+
+def tokenizer_pad_id(tokenizer: Any, fallback_to_eos: bool = False) -> int:
+    """The id that pads token arrays: ``pad_id`` (or ``pad_token_id``) when set and >= 0.
+
+    Args:
+        tokenizer: Any tokenizer, or None.
+        fallback_to_eos: Without a pad id use the EOS id (as transformers does),
+            instead of 0.
+
+    Returns:
+        The pad id; 0 when the tokenizer defines none (and no EOS with ``fallback_to_eos``).
+    """
+    if tokenizer is None:
+        return 0
+    for name in ("pad_id", "pad_token_id"):
+        value = _attribute(tokenizer, name)
+        if value is not None and int(value) >= 0:
+            return int(value)
+    eos = tokenizer_eos_id(tokenizer) if fallback_to_eos else None
+    return 0 if eos is None else eos

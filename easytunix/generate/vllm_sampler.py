@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from easytunix.generate.sampler import SamplerOutput, _as_tokenizer, _tokenizer_eos_ids, _tokenizer_pad_id
+from easytunix.generate.base_sampler import BaseSampler, SamplerOutput
+from easytunix.generate.utils import check_steps
 from easytunix.models.loader import NameRule, checkpoint_items, model_params, normalize_name
 
 logger = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def _torch_dtype_name(dtype: Any) -> str:
   return name
 
 
-class VllmSampler:
+class VllmSampler(BaseSampler):
   """Generates with a vLLM engine; same call and :class:`SamplerOutput` as the JAX :class:`Sampler`.
 
   Args:
@@ -261,12 +262,10 @@ class VllmSampler:
     if not isinstance(mapping_config, MappingConfig):
       raise TypeError(f"mapping_config must be a MappingConfig, got {type(mapping_config).__name__}.")
     self.mapping_config = mapping_config
-    self.tokenizer = _as_tokenizer(tokenizer)
+    super().__init__(tokenizer, int(mapping_config.hf_config["vocab_size"]))
     self.mesh = mesh
     self.max_model_len = max_model_len
     self.max_num_seqs = max_num_seqs
-    hf = mapping_config.hf_config
-    self.vocab_size = int(hf["vocab_size"])
     self._rng = np.random.default_rng(seed)
     self.last_sync_seconds = 0.0
     self.num_weight_syncs = 0
@@ -551,51 +550,18 @@ class VllmSampler:
 
   # ------------------------------------------------------------------ text
 
-  def tokenize(self, input_string: str) -> list[int]:
-    """The token ids of a prompt (with the tokenizer's special tokens, e.g. BOS)."""
-    if self.tokenizer is None:
-      raise ValueError("This sampler has no tokenizer; pass prompts as lists of token ids.")
-    return [int(i) for i in self.tokenizer.encode(input_string)]
-
   def detokenize(self, input_strings: Sequence[str], request_outputs: Sequence[Any]) -> list[str]:
     """The completion text of each vLLM ``RequestOutput`` (one per input string), EOS not included."""
     if len(input_strings) != len(request_outputs):
       raise ValueError(f"detokenize: {len(input_strings)} inputs but {len(request_outputs)} outputs.")
-    eos = set(_tokenizer_eos_ids(self.tokenizer))
+    eos = set(self._eos_ids(None))
     texts = []
     for out in request_outputs:
       ids = list(out.outputs[0].token_ids)
       if ids and ids[-1] in eos:
         ids = ids[:-1]
-      texts.append(self._decode(ids))
+      texts.append(self._decode_text(ids))
     return texts
-
-  def _decode(self, ids: Sequence[int]) -> str:
-    return "" if self.tokenizer is None else self.tokenizer.decode([int(i) for i in ids])
-
-  def _prompt_ids(self, prompts: Any) -> list[list[int]]:
-    if isinstance(prompts, str) or not isinstance(prompts, (Sequence, np.ndarray)) or len(prompts) == 0:
-      raise TypeError("prompts must be a non-empty list of prompts (strings or lists of token ids), e.g. ['Hi'].")
-    out = []
-    for i, prompt in enumerate(prompts):
-      if isinstance(prompt, str):
-        ids = self.tokenize(prompt)
-      else:
-        try:
-          array = np.asarray(prompt)
-          ids = [int(t) for t in array] if array.ndim == 1 and array.dtype.kind in "iu" or (
-              array.ndim == 1 and array.size == 0) else None
-        except (TypeError, ValueError):
-          ids = None
-        if ids is None:
-          raise TypeError(f"prompt {i} must be a string or a list of int token ids, got {prompt!r:.80}.")
-      if not ids:
-        raise ValueError(f"prompt {i} is empty (no tokens): every prompt needs at least one token.")
-      if min(ids) < 0 or max(ids) >= self.vocab_size:
-        bad = next(t for t in ids if t < 0 or t >= self.vocab_size)
-        raise ValueError(f"prompt {i} has token id {bad}, outside the model's vocabulary [0, {self.vocab_size}).")
-      out.append(ids)
-    return out
 
   # ------------------------------------------------------------------ generation
 
@@ -624,23 +590,9 @@ class VllmSampler:
                         ("forbidden_tokens", forbidden_tokens or None)):
       if value is not None:
         raise ValueError(f"VllmSampler does not support {name}; use easytunix.generate.Sampler for it.")
-    if isinstance(max_generation_steps, bool) or not isinstance(max_generation_steps, (int, np.integer)) or (
-        max_generation_steps <= 0):
-      raise ValueError(f"max_generation_steps must be a positive int, got {max_generation_steps!r}.")
-    steps = int(max_generation_steps)
-    if temperature is not None and temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {temperature}.")
-    greedy = not temperature
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if top_k is not None and (isinstance(top_k, bool) or int(top_k) <= 0):
-      raise ValueError(f"top_k must be a positive int, got {top_k}.")
-    if eos_tokens is None:
-      eos = list(_tokenizer_eos_ids(self.tokenizer))
-    else:
-      eos = [int(t) for t in ([eos_tokens] if isinstance(eos_tokens, (int, np.integer)) else eos_tokens)]
-      if any(t < 0 for t in eos):
-        raise ValueError(f"eos_tokens must be non-negative ids, got {eos}.")
+    steps = check_steps(max_generation_steps)
+    greedy = self._check_sampling(temperature, top_p, top_k)
+    eos = list(self._eos_ids(eos_tokens))
     ids = self._prompt_ids(prompts)
     longest = max(len(p) for p in ids)
     if longest + steps > self.max_model_len:
@@ -676,29 +628,15 @@ class VllmSampler:
     return self._finish(ids, outputs, set(eos), echo, return_logprobs)
 
   def _finish(self, ids, outputs, eos: set[int], echo: bool, return_logprobs: bool) -> SamplerOutput:
-    texts, tokens, logprobs = [], [], []
-    for prompt, out in zip(ids, outputs):
-      done = out.outputs[0]
-      generated = np.asarray(list(done.token_ids), np.int32)
-      ended = generated.size > 0 and int(generated[-1]) in eos
-      body = generated[:-1] if ended else generated
-      if echo:
-        tokens.append(np.concatenate([np.asarray(prompt, np.int32), generated]))
-        texts.append(self._decode(list(prompt) + body.tolist()))
-      else:
-        tokens.append(generated)
-        texts.append(self._decode(body.tolist()))
-      if return_logprobs:
-        logprobs.append(np.asarray([step[int(t)].logprob for step, t in zip(done.logprobs, generated)], np.float32))
-    pad = _tokenizer_pad_id(self.tokenizer) if self.tokenizer is not None else 0
-    width = max(len(p) for p in ids)
-    padded = np.full((len(ids), width), pad, np.int32)
-    for row, prompt in enumerate(ids):
-      padded[row, width - len(prompt):] = prompt
-    return SamplerOutput(
-        text=texts, tokens=tokens, logprobs=logprobs if return_logprobs else None, logits=None,
-        padded_prompt_tokens=padded,
-    )
+    generated = [np.asarray(list(out.outputs[0].token_ids), np.int32) for out in outputs]
+    logprobs = None
+    if return_logprobs:
+      logprobs = [
+          np.asarray([step[int(t)].logprob for step, t in zip(out.outputs[0].logprobs, tokens)], np.float32)
+          for out, tokens in zip(outputs, generated)
+      ]
+    padded, _ = self._left_pad(ids, max(len(p) for p in ids))
+    return self._assemble(ids, generated, eos, echo, padded, logprobs=logprobs)
 
   # ------------------------------------------------------------------ lifetime
 

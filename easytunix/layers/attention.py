@@ -3,16 +3,52 @@ logit soft-capping and a KV cache."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from easytunix.layers.cache import LayerCache
+from easytunix.layers.blockwise_attention import IMPLEMENTATIONS, select_implementation
+from easytunix.layers.blockwise_attention import attention as attention_kernel
+from easytunix.layers.cache import LayerCache, make_causal_mask
 from easytunix.layers.linear import Linear
 from easytunix.layers.norm import RMSNorm
 from easytunix.layers.rope import RopeConfig, apply_rope, rope_inv_freq
+
+
+# Intermediates the shared layers can sow (as nnx.Intermediate) when a `sow_intermediates` request asks.
+ATTENTION_WEIGHTS = "attention_weights"  # Attention: softmax weights [B, heads, T, S]
+LAYER_OUTPUT = "layer_output"  # a layer's output (the decoder block's hidden state [B, T, D])
+
+SowRequest = Callable[[nnx.Module, str], bool]
+"""``request(module, name) -> bool``: whether ``module`` should sow the intermediate ``name`` now."""
+
+_SOW_REQUEST: contextvars.ContextVar[SowRequest | None] = contextvars.ContextVar("easytunix_sow_request", default=None)
+
+
+@contextlib.contextmanager
+def sow_intermediates(request: SowRequest) -> Iterator[None]:
+  """Within the block, layers sow each intermediate they declare when ``request(module, name)``.
+
+  Use it inside ``nnx.capture(..., nnx.Intermediate)``, which collects the sown values. The
+  computation is unchanged, so outputs are identical with and without a request.
+  """
+  token = _SOW_REQUEST.set(request)
+  try:
+    yield
+  finally:
+    _SOW_REQUEST.reset(token)
+
+
+def should_sow(module: nnx.Module, name: str) -> bool:
+  """Whether the active :func:`sow_intermediates` request asks ``module`` for ``name`` (False outside one)."""
+  request = _SOW_REQUEST.get()
+  return request is not None and bool(request(module, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +67,11 @@ class AttentionConfig:
     norm_eps: epsilon of the q/k norms.
     softcap: ``tanh(s / c) * c`` on the attention logits.
     use_bias: biases on the q/k/v projections.
+    implementation: "auto", "xla" (dense scores), "blockwise" (memory linear in
+      the sequence) or "cudnn" (NVIDIA GPUs); see
+      :func:`easytunix.layers.blockwise_attention.select_implementation`. It
+      applies to causal masks given as [B, S] key validity; a full [B, T, S]
+      mask (decoding with a cache) and attention-map capture use dense scores.
   """
 
   num_heads: int
@@ -44,6 +85,7 @@ class AttentionConfig:
   norm_eps: float = 1e-6
   softcap: float | None = None
   use_bias: bool = False
+  implementation: str = "auto"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -52,6 +94,8 @@ class AttentionConfig:
       )
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}.")
 
   @property
   def scale(self) -> float:
@@ -65,7 +109,13 @@ class Attention(nnx.Module):
   (S = T without a cache, the cache length with one) and optionally a layer
   cache plus the slot where the T new keys go. Returns the output and the
   updated layer cache (None without a cache).
+
+  It sows its softmax weights as ``"attention_weights"`` when a
+  :func:`sow_intermediates` request asks for them, or always while
+  ``capture_weights`` is True.
   """
+
+  sown_intermediates: ClassVar[tuple[str, ...]] = (ATTENTION_WEIGHTS,)
 
   def __init__(
       self,
@@ -95,7 +145,7 @@ class Attention(nnx.Module):
     else:
       self.q_norm = None
       self.k_norm = None
-    # Set to True (e.g. by attention distillation) to sow the attention weights.
+    # True: sow the attention weights on every call (a sow_intermediates request does it per call).
     self.capture_weights = False
 
   def __call__(
@@ -130,6 +180,21 @@ class Attention(nnx.Module):
       k_all, v_all = k, v
 
     s = k_all.shape[1]
+    groups = c.num_heads // c.num_kv_heads
+    qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    capture = should_sow(self, ATTENTION_WEIGHTS) or self.capture_weights
+    if mask.ndim == 2 and not capture:
+      # Causal over the valid keys [B, S]: the mask stays factored, so the blockwise and cuDNN
+      # paths never build a [T, S] map. Dense ("xla") falls through to the code below.
+      factored = dict(key_valid=mask.astype(jnp.bool_), causal=True, q_offset=0 if cache is None else start,
+                      sliding_window=c.sliding_window, softcap=c.softcap)
+      chosen = select_implementation(qg, k_all, implementation=c.implementation, **factored)
+      if chosen != "xla":
+        out = attention_kernel(qg, k_all, v_all, scale=c.scale, implementation=c.implementation, **factored)
+        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_cache
+    if mask.ndim == 2:
+      mask = make_causal_mask(mask) if cache is None else mask[:, None, :] & (
+          jnp.arange(s)[None, None, :] <= (start + jnp.arange(t))[None, :, None])
     allowed = mask.astype(jnp.bool_)
     if c.sliding_window is not None:
       q_slots = start + jnp.arange(t)
@@ -137,16 +202,33 @@ class Attention(nnx.Module):
       in_window = (q_slots[:, None] - k_slots[None, :]) < c.sliding_window
       allowed = allowed & in_window[None]
 
-    groups = c.num_heads // c.num_kv_heads
-    qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_all, preferred_element_type=jnp.float32)
     scores = scores * c.scale
     if c.softcap is not None:
       scores = jnp.tanh(scores / c.softcap) * c.softcap
     scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    if self.capture_weights:
-      self.sow(nnx.Intermediate, "attention_weights", probs.reshape(b, c.num_heads, t, s))
+    if capture:
+      self.sow(nnx.Intermediate, ATTENTION_WEIGHTS, probs.reshape(b, c.num_heads, t, s))
     out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(self.dtype), v_all)
     out = out.reshape(b, t, c.num_heads * c.head_dim)
     return self.o_proj(out), new_cache
+
+
+def set_attention_implementation(model: nnx.Module, implementation: str) -> int:
+  """Sets ``implementation`` ("auto", "xla", "blockwise" or "cudnn") on every :class:`Attention` in ``model``.
+
+  Returns:
+    How many attention layers were changed (the model's jitted functions retrace once).
+
+  Raises:
+    ValueError: for an unknown implementation, or a model without easytunix attention layers.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, Attention)]
+  if not layers:
+    raise ValueError(f"{type(model).__name__} has no easytunix Attention layers to configure.")
+  for layer in layers:
+    layer.config = dataclasses.replace(layer.config, implementation=implementation)
+  return len(layers)

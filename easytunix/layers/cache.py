@@ -51,6 +51,11 @@ def init_cache(
   return KVCache(layers, jnp.zeros((), jnp.int32))
 
 
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Position ids counted from each row's first real token (0 on and before it): [B, T] -> [B, T] int32."""
+  return jnp.maximum(jnp.cumsum(jnp.asarray(mask).astype(jnp.int32), axis=-1) - 1, 0)
+
+
 def make_causal_mask(input_mask: jax.Array) -> jax.Array:
   """[B, T] validity mask -> [B, T, T] causal attention mask over valid keys."""
   t = input_mask.shape[-1]

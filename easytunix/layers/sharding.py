@@ -120,3 +120,18 @@ def shard_model(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
       )
       var.set_value(jax.device_put(value, sharding))
   return model
+
+
+def module_mesh(module: nnx.Module | None) -> Mesh | None:
+  """The mesh ``module``'s parameters live on (None: no module, or not placed on a mesh).
+
+  The one place that answers "which mesh is this model on" for trainers, the RL
+  cluster and the facade.
+  """
+  if module is None:
+    return None
+  for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+  return None

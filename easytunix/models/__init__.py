@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -10,24 +11,26 @@ from jax.sharding import Mesh
 from easytunix.models.base import CausalLM, DecoderConfig
 
 
-def _families() -> dict[str, tuple[type, Any]]:
+def families() -> dict[str, type[CausalLM]]:
+  """The registry of model families: ``family -> core model class``.
+
+  Each class declares its key (``Llama3.family == "llama3"``) and its config
+  the Hugging Face ``model_type`` values it reads; the family's checkpoint-name
+  table and loaders live in ``easytunix.models.<family>.params``.
+  """
   from easytunix.models import gemma, gemma3, llama3, qwen3
 
-  table = {}
-  for model_cls, params in (
-      (llama3.Llama3, llama3.params),
-      (qwen3.Qwen3, qwen3.params),
-      (gemma.Transformer, gemma.params),
-      (gemma3.Gemma3, gemma3.params),
-  ):
-    for model_type in model_cls.config_class.hf_model_types:
-      table[model_type] = (model_cls, params)
-  return table
+  return {cls.family: cls for cls in (llama3.Llama3, qwen3.Qwen3, gemma.Transformer, gemma3.Gemma3)}
+
+
+def params_module(model_cls: type[CausalLM]) -> Any:
+  """The ``params`` module (checkpoint names, loaders) of a model class's family."""
+  return importlib.import_module(f"easytunix.models.{model_cls.family}.params")
 
 
 def family_for_model_type(model_type: str | None) -> tuple[type, Any]:
   """The (model class, params module) for a Hugging Face ``model_type``."""
-  table = _families()
+  table = {t: (cls, params_module(cls)) for cls in families().values() for t in cls.config_class.hf_model_types}
   if model_type not in table:
     raise ValueError(
         f"Unsupported model_type {model_type!r} in config.json; easytunix supports {sorted(table)}."
@@ -54,4 +57,4 @@ def load_model(
   return load_hf_model(model_cls, params.name_rules(config), folder, config, mesh=mesh, dtype=dtype)
 
 
-__all__ = ["CausalLM", "DecoderConfig", "config_from_hf", "family_for_model_type", "load_model"]
+__all__ = ["CausalLM", "DecoderConfig", "config_from_hf", "families", "family_for_model_type", "load_model", "params_module"]

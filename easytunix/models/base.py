@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from easytunix.layers.attention import Attention, AttentionConfig
-from easytunix.layers.cache import KVCache, init_cache, make_causal_mask
+from easytunix.layers.attention import LAYER_OUTPUT, Attention, AttentionConfig, should_sow
+from easytunix.layers.cache import KVCache, init_cache, positions_from_mask
 from easytunix.layers.embedder import Embedder
 from easytunix.layers.linear import Linear
 from easytunix.layers.mlp import ACTIVATIONS, MLP
@@ -264,12 +264,13 @@ def hf_rope_params(hf: dict[str, Any], layer_type: str | None = None) -> dict[st
   return out
 
 
-def hf_dtype(hf: dict[str, Any]) -> str | None:
-  return hf.get("dtype") or hf.get("torch_dtype")
-
-
 class DecoderLayer(nnx.Module):
-  """Pre-norm attention and MLP (or MoE) blocks with residual connections."""
+  """Pre-norm attention and MLP (or MoE) blocks with residual connections.
+
+  Sows its output hidden state as ``"layer_output"`` when a ``sow_intermediates`` request asks.
+  """
+
+  sown_intermediates: ClassVar[tuple[str, ...]] = (LAYER_OUTPUT,)
 
   def __init__(self, config: DecoderConfig, layer_index: int, *, rngs: nnx.Rngs):
     c = config
@@ -304,7 +305,26 @@ class DecoderLayer(nnx.Module):
     h = self.mlp(self.pre_ffw_norm(x))
     if self.post_ffw_norm is not None:
       h = self.post_ffw_norm(h)
-    return x + h, new_cache
+    out = x + h
+    if should_sow(self, LAYER_OUTPUT):
+      self.sow(nnx.Intermediate, LAYER_OUTPUT, out)
+    return out, new_cache
+
+
+def _call_layer(layer, x, positions, mask, layer_cache, cache_index):
+  return layer(x, positions, mask, layer_cache, cache_index)
+
+
+# remat policy -> what a rematerialised block keeps for the backward pass (None: nothing but its input).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_layer(policy: str):
+  return nnx.remat(_call_layer, policy=REMAT_POLICIES[policy])
 
 
 class CausalLM(nnx.Module):
@@ -317,6 +337,10 @@ class CausalLM(nnx.Module):
   """
 
   config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
+  # The family's registry key ("llama3", ...): its module is easytunix.models.<family> (model, params).
+  family: ClassVar[str] = ""
+  # Rematerialisation of the decoder blocks in training (see set_remat); decoding never remats.
+  remat: str = "none"
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     c = config
@@ -356,34 +380,71 @@ class CausalLM(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       if attention_mask is not None and attention_mask.ndim == 2:
-        positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+        positions = positions_from_mask(attention_mask)
       else:
         start = 0 if cache is None else cache.index
         positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     if attention_mask is None:
       if cache is not None:
         raise ValueError("With a KV cache, pass the [B, T, S] attention_mask (see make_decode_mask).")
-      attention_mask = make_causal_mask(jnp.ones((b, t), jnp.bool_))
-    elif attention_mask.ndim == 2:
-      if cache is not None:
-        raise ValueError("With a KV cache, pass the [B, T, S] attention_mask (see make_decode_mask).")
-      attention_mask = make_causal_mask(attention_mask)
+      attention_mask = jnp.ones((b, t), jnp.bool_)
+    elif attention_mask.ndim == 2 and cache is not None:
+      raise ValueError("With a KV cache, pass the [B, T, S] attention_mask (see make_decode_mask).")
+    # A [B, T] mask stays factored (causal over the valid keys): the attention layers then choose
+    # dense, blockwise (memory linear in T) or cuDNN attention without a [T, T] mask in memory.
 
     x = self.embedder.encode(tokens)
     new_layers = []
+    run_layer = _call_layer if cache is not None or self.remat == "none" else _remat_layer(self.remat)
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache.layers[i]
-      x, new_layer_cache = layer(x, positions, attention_mask, layer_cache, None if cache is None else cache.index)
+      x, new_layer_cache = run_layer(layer, x, positions, attention_mask, layer_cache,
+                                     None if cache is None else cache.index)
       new_layers.append(new_layer_cache)
     hidden = self.final_norm(x)
-    logits = self.lm_head(hidden) if self.lm_head is not None else self.embedder.decode(hidden)
-    if self.config.final_logit_softcap is not None:
-      cap = self.config.final_logit_softcap
-      logits = jnp.tanh(logits / cap) * cap
+    logits = self.logits(hidden)
     new_cache = None if cache is None else KVCache(tuple(new_layers), cache.index + t)
     if return_hidden_states:
       return logits, new_cache, hidden
     return logits, new_cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Vocabulary logits of final-norm hidden states [..., hidden] -> [..., vocab].
+
+    The output head (``lm_head``, or the tied embedding) and the final soft cap: what the forward
+    pass does after the last norm, so a caller holding hidden states (the sampler's prefill, which
+    needs only the last slot) gets the same logits without projecting every position.
+    """
+    logits = self.lm_head(hidden) if self.lm_head is not None else self.embedder.decode(hidden)
+    if self.config.final_logit_softcap is not None:
+      cap = self.config.final_logit_softcap
+      logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+  def set_remat(self, policy: str) -> None:
+    """Recompute decoder blocks in the backward pass instead of keeping their activations.
+
+    Args:
+      policy: "none" (keep every activation: fastest, most memory), "block" (keep
+        only each block's input and recompute the block: least memory, about one
+        extra forward pass) or "dots" (also keep the matmul outputs, recompute the
+        element-wise work: a middle ground).
+    """
+    if policy not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {policy!r}.")
+    self.remat = policy
+
+  def set_compute_dtype(self, dtype: Any) -> None:
+    """Runs every layer's matmuls in ``dtype`` (e.g. bfloat16) while parameters keep their own dtype.
+
+    With float32 parameters this is mixed precision: bf16 compute, float32 master
+    weights, gradients and optimizer state; norms, softmax and the loss still
+    accumulate in float32.
+    """
+    compute = to_dtype(dtype)
+    for _, module in nnx.iter_modules(self):
+      if module is not self and isinstance(getattr(module, "dtype", None), type | jnp.dtype):
+        module.dtype = compute
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty KV cache sized for this model."""

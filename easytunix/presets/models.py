@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from easytunix.models import gemma, gemma3, llama3, qwen3
 from easytunix.presets.task import CausalLMTask
 
@@ -11,25 +9,17 @@ from easytunix.presets.task import CausalLMTask
 class Llama3(CausalLMTask, llama3.Llama3):
   """Llama 3 (and SmolLM2) with ``from_preset``, ``compile``, ``fit`` and ``generate``."""
 
-  family: ClassVar[str] = "llama3"
-
 
 class Qwen3(CausalLMTask, qwen3.Qwen3):
   """Qwen 3, dense or MoE, with ``from_preset``, ``compile``, ``fit`` and ``generate``."""
-
-  family: ClassVar[str] = "qwen3"
 
 
 class Gemma(CausalLMTask, gemma.Transformer):
   """Gemma with ``from_preset``, ``compile``, ``fit`` and ``generate``."""
 
-  family: ClassVar[str] = "gemma"
-
 
 class Gemma3(CausalLMTask, gemma3.Gemma3):
   """Gemma 3 with ``from_preset``, ``compile``, ``fit`` and ``generate``."""
-
-  family: ClassVar[str] = "gemma3"
 
 
 class CausalLM(CausalLMTask):
@@ -39,4 +29,5 @@ class CausalLM(CausalLMTask):
     raise TypeError("CausalLM is only a loader; use CausalLM.from_preset(...) or a family class such as Qwen3.")
 
 
-BY_FAMILY = {"llama3": Llama3, "qwen3": Qwen3, "gemma": Gemma, "gemma3": Gemma3}
+# The preset class of each family, keyed by the family its core class declares.
+BY_FAMILY = {cls.family: cls for cls in (Llama3, Qwen3, Gemma, Gemma3)}

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from easytunix.convert.real_models import cache_root
 from easytunix.models import gemma, gemma3, llama3, qwen3
 from easytunix.models.base import DecoderConfig
 
@@ -97,21 +98,19 @@ def weights_search_paths() -> list[Path]:
   roots = []
   if os.environ.get("EASYTUNIX_MODELS"):
     roots.append(Path(os.environ["EASYTUNIX_MODELS"]).expanduser())
-  cache = Path(os.environ.get("EASYTUNIX_CACHE", Path.home() / ".cache" / "easytunix")).expanduser()
-  roots.append(cache / "models")
+  roots.append(cache_root() / "models")
   return roots
-
-
-_CLASS_NAMES = {"llama3": "Llama3", "qwen3": "Qwen3", "gemma": "Gemma", "gemma3": "Gemma3"}
 
 
 def get_preset(name: str, family: str | None = None) -> PresetSpec:
   """The registry entry called ``name``; a close-match suggestion if there is none."""
   if name in PRESETS and family is not None and PRESETS[name].family != family:
+    from easytunix.presets.models import BY_FAMILY
+
     other = PRESETS[name].family
     raise ValueError(
         f"{name!r} is a {other} preset, not a {family} one: load it with easytunix.presets."
-        f"{_CLASS_NAMES[other]}.from_preset({name!r}) or easytunix.presets.CausalLM.from_preset({name!r})."
+        f"{BY_FAMILY[other].__name__}.from_preset({name!r}) or easytunix.presets.CausalLM.from_preset({name!r})."
     )
   if name not in PRESETS:
     candidates = [n for n, p in PRESETS.items() if family is None or p.family == family]

@@ -12,16 +12,18 @@ import json
 import shutil
 import weakref
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from easytunix.generate.tokenizer_adapter import TokenizerAdapter
+from easytunix.layers.attention import set_attention_implementation
+from easytunix.layers.blockwise_attention import IMPLEMENTATIONS
 from easytunix.layers.sharding import ShardingConfig, shard_model
 from easytunix.models import family_for_model_type
-from easytunix.models.base import DecoderConfig, to_dtype
+from easytunix.models.base import REMAT_POLICIES, DecoderConfig, to_dtype
 from easytunix.models.hf import load_hf_model, read_hf_config, save_hf_folder
 from easytunix.presets.registry import ASSETS, find_weights, get_preset
 
@@ -51,7 +53,6 @@ _FACADE_ATTRS = frozenset({"tokenizer", "mesh", "preset", "stop_training"})
 class CausalLMTask:
   """Keras-style entry points shared by every family's preset class."""
 
-  family: ClassVar[str] = ""
 
   # Facade attributes live in side-state, so the module's graph (and every jit
   # cache keyed on it) stays the same when a callback sets ``stop_training``.
@@ -94,8 +95,8 @@ class CausalLMTask:
     path = Path(preset).expanduser()
     if path.is_dir():
       return cls._from_folder(path, dtype=dtype, mesh=mesh, sharding=sharding, tokenizer=tokenizer)
-    spec = get_preset(str(preset), family=cls.family or None)
-    target = cls if cls.family else _class_for_family(spec.family)
+    spec = get_preset(str(preset), family=_family(cls) or None)
+    target = cls if _family(cls) else _class_for_family(spec.family)
     if not spec.is_random:
       if config_overrides:
         raise ValueError(f"Preset {spec.name!r} has real weights; its config cannot be overridden ({sorted(config_overrides)}).")
@@ -128,7 +129,7 @@ class CausalLMTask:
     ours = folder / PRESET_FILE
     if ours.exists():
       meta = json.loads(ours.read_text())
-      target = cls if cls.family else _class_for_family(meta["family"])
+      target = cls if _family(cls) else _class_for_family(meta["family"])
       _check_family(target, meta["family"], folder)
       config = _with(target.config_class.from_dict(meta["config"]), dtype=dtype, sharding=sharding)
       _, params = family_for_model_type(config.to_hf_config()["model_type"])
@@ -140,9 +141,8 @@ class CausalLMTask:
     else:
       hf = read_hf_config(folder)
       model_cls, params = family_for_model_type(hf.get("model_type"))
-      family = _FAMILY_OF_CORE[model_cls.__name__]
-      target = cls if cls.family else _class_for_family(family)
-      _check_family(target, family, folder)
+      target = cls if _family(cls) else _class_for_family(model_cls.family)
+      _check_family(target, model_cls.family, folder)
       config = _with(target.config_class.from_hf_config(hf), dtype=dtype, sharding=sharding)
       model = load_hf_model(target, params.name_rules(config), folder, config, mesh=mesh)
     tok = tokenizer if tokenizer is not None else folder
@@ -188,6 +188,11 @@ class CausalLMTask:
       max_grad_norm: float | None = 1.0,
       eval_every_n_steps: int | None = None,
       log_dir: str | Path | None = None,
+      save_every_n_steps: int = 100,
+      keep_checkpoints: int | None = 3,
+      attention: str = "auto",
+      remat: str = "none",
+      precision: str | None = None,
       distill: Any = None,
       teacher: Any = None,
       **trainer_options: Any,
@@ -197,7 +202,7 @@ class CausalLMTask:
     Args:
       optimizer: "adamw", "adam", "sgd", "adafactor", "lion" or an optax transformation.
       learning_rate: a float or an optax schedule.
-      trainer: "sft", "dpo", "distill" or "grpo".
+      trainer: a registered recipe: "sft", "dpo", "distill" or "grpo" (see ``easytunix.sft.recipe``).
       lora_rank: add LoRA adapters of this rank (then only they train); None: full fine-tuning.
       lora_alpha: LoRA scale numerator (default: the rank, a scale of 1).
       lora_targets: projection names or path regexes (default: every attention and MLP projection).
@@ -209,6 +214,16 @@ class CausalLMTask:
       max_grad_norm: clip gradients to this global norm (None: no clipping).
       eval_every_n_steps: also evaluate ``validation_data`` every this many steps.
       log_dir: TensorBoard folder for the trainer's own metrics.
+      save_every_n_steps: with ``checkpoint_dir``, save every this many optimizer steps (the last step
+        is always saved, and committed before ``fit`` returns).
+      keep_checkpoints: how many recent checkpoints to keep (None: all).
+      attention: "auto" (dense scores for short sequences, blockwise attention whose memory is
+        linear in the sequence for long ones, cuDNN on NVIDIA GPUs where it applies), or force
+        "xla" (dense), "blockwise" or "cudnn".
+      remat: "none", "dots" or "block": recompute decoder blocks in the backward pass to save
+        activation memory (see ``CausalLM.set_remat``).
+      precision: None keeps the model's dtypes; "bf16-mixed" computes in bfloat16 on float32
+        weights and optimizer state; "float32" computes in float32.
       distill / teacher: the strategy and teacher model of ``trainer="distill"``.
       **trainer_options: the chosen trainer's options (e.g. ``beta`` for DPO).
 
@@ -217,42 +232,36 @@ class CausalLMTask:
     """
     from easytunix.presets import training
 
-    if trainer not in training.TRAINERS:
-      raise ValueError(f"Unknown trainer {trainer!r}; choose one of {training.TRAINERS}.")
-    if trainer == "distill" and (teacher is None or distill is None):
-      missing = [n for n, v in (("teacher", teacher), ("distill", distill)) if v is None]
-      raise ValueError(
-          f"compile(trainer='distill') needs {' and '.join(missing)}: e.g. "
-          "compile(trainer='distill', teacher=teacher_model, distill=LogitStrategy(temperature=2.0))."
-      )
-    if trainer != "distill" and (teacher is not None or distill is not None):
-      raise ValueError("teacher= and distill= are options of trainer='distill'.")
-    options = training.check_trainer_options(trainer, trainer_options)
+    given = {name: value for name, value in (("teacher", teacher), ("distill", distill)) if value is not None}
+    options = training.resolve_options(trainer, {**trainer_options, **given})
     if not isinstance(max_length, int) or max_length < 2:
       raise ValueError(f"max_length must be an int >= 2, got {max_length!r}.")
     if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps <= 0:
       raise ValueError(f"gradient_accumulation_steps must be a positive int, got {gradient_accumulation_steps!r}.")
     opt = training.build_optimizer(optimizer, learning_rate, weight_decay, warmup_steps, decay_steps, schedule)
+    config = training.training_config(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, log_dir=str(log_dir) if log_dir else None,
+        max_grad_norm=max_grad_norm, eval_every_n_steps=eval_every_n_steps,
+        save_every_n_steps=save_every_n_steps, keep_checkpoints=keep_checkpoints,
+    )
+    compute_dtype = training.compute_dtype_for(precision, self)
+    training.check_choice("attention", attention, IMPLEMENTATIONS)
+    training.check_choice("remat", remat, sorted(REMAT_POLICIES))
+    set_attention_implementation(self, attention)
+    self.set_remat(remat)
+    if compute_dtype is not None:
+      self.set_compute_dtype(compute_dtype)
     if lora_rank is not None:
       self.enable_lora(lora_rank, alpha=lora_alpha, targets=lora_targets)
     elif lora_alpha is not None or lora_targets is not None:
       raise ValueError("lora_alpha and lora_targets need lora_rank.")
-    spec = training.CompileSpec(
-        trainer=trainer, optimizer=opt, max_length=max_length, gradient_accumulation_steps=gradient_accumulation_steps,
-        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, max_grad_norm=max_grad_norm,
-        eval_every_n_steps=eval_every_n_steps, log_dir=str(log_dir) if log_dir else None, teacher=teacher,
-        distill=distill, options=options,
-    )
-    training.validate_spec(self, spec)
+    spec = training.compile_spec(self, trainer, training.RecipeSettings(
+        optimizer=opt, max_length=max_length, options=options, training_config=config))
     state = facade_state(self)
-    if state.get("trainer") is not None:
-      state["trainer"].close()
-    if state.get("learner") is not None:
-      state["learner"].rl_cluster.close_rollout_engine()
+    training.close_run(state)
     state["compiled"] = spec
-    state["trainer"] = None
-    state["learner"] = None
-    state["grpo_reference"] = None  # a new compile anchors GRPO's KL to the weights as they are now
+    state["recipe_state"] = {}  # e.g. GRPO's reference: a new compile anchors its KL to the weights as they are now
     return self
 
   def _compiled(self, what: str):
@@ -427,7 +436,9 @@ def _with(config: DecoderConfig, *, dtype=None, sharding=None) -> DecoderConfig:
   return config.replace(**changes) if changes else config
 
 
-_FAMILY_OF_CORE = {"Llama3": "llama3", "Qwen3": "qwen3", "Transformer": "gemma", "Gemma3": "gemma3"}
+def _family(cls) -> str:
+  """The family a preset class is bound to ("" for the family-agnostic ``CausalLM`` loader)."""
+  return getattr(cls, "family", "")
 
 
 def _class_for_family(family: str):
@@ -437,7 +448,7 @@ def _class_for_family(family: str):
 
 
 def _check_family(cls, family: str, folder: Path) -> None:
-  if cls.family and cls.family != family:
+  if _family(cls) and cls.family != family:
     right = _class_for_family(family).__name__
     raise ValueError(
         f"{folder} holds a {family} model; load it with easytunix.presets.{right} "

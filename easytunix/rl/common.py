@@ -15,13 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from easytunix.generate.utils import bucket
+from easytunix.layers.cache import positions_from_mask
 from easytunix.sft.peft_trainer import token_log_probs
-
-
-def positions_from_mask(mask: jax.Array) -> jax.Array:
-  """Position ids counted from each row's first real token (0 on and before it): [B, T] -> [B, T]."""
-  mask = jnp.asarray(mask).astype(jnp.int32)
-  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
 def completion_logps(
@@ -69,12 +65,6 @@ def right_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[n
     ids[i, : len(row)] = row
     mask[i, : len(row)] = 1
   return ids, mask
-
-
-def bucket(n: int, minimum: int = 16, maximum: int | None = None) -> int:
-  """The next power of two >= ``n`` (at least ``minimum``, at most ``maximum``): few distinct shapes to compile."""
-  value = 1 << (max(int(n), int(minimum), 1) - 1).bit_length()
-  return min(value, maximum) if maximum is not None else value
 
 
 __all__ = ["bucket", "completion_logps", "left_pad", "positions_from_mask", "right_pad"]

@@ -14,9 +14,9 @@ live on its own mesh (``ClusterConfig.role_to_mesh``):
   The sampler's compiled programs take the weights as arguments, so a sync never
   recompiles them.
 
-The reference is, in order: the ``reference`` model given; with LoRA, the
-rollout model's base weights with the adapters switched off (no second copy);
-otherwise a snapshot of the actor's initial weights.
+The reference is chosen by :func:`easytunix.rl.reference.choose_reference`: the
+``reference`` model given; with LoRA, the actor's base weights with the adapters
+switched off (no second copy); otherwise a snapshot of the actor's initial weights.
 
 ``offload_to_cpu`` keeps the reference (when it is a separate model) in pinned
 host memory while it is idle and brings it back for each reference pass.
@@ -37,11 +37,13 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from easytunix.generate.sampler import CacheConfig, Sampler, SamplerOutput
-from easytunix.layers.sharding import path_str, shard_model, variable_sharding
+from easytunix.generate.tokenizer_adapter import tokenizer_pad_id
+from easytunix.layers.sharding import module_mesh, path_str, shard_model, variable_sharding
 from easytunix.rl.common import bucket, completion_logps, left_pad, right_pad
+from easytunix.rl.reference import choose_reference
 from easytunix.sft.lora import is_lora_enabled, lora_disabled, trainable_filter
 from easytunix.sft.peft_trainer import PeftTrainer, TrainingConfig
 
@@ -214,16 +216,6 @@ class Rollout:
   seconds: float
 
 
-def _mesh_of(module: nnx.Module | None) -> Mesh | None:
-  if module is None:
-    return None
-  for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)):
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-      return sharding.mesh
-  return None
-
-
 def same_devices(a: Mesh | None, b: Mesh | None) -> bool:
   """Whether two meshes (None: the default placement) put arrays on the same devices in the same layout."""
   if a is None or b is None:
@@ -304,21 +296,19 @@ class RLCluster:
 
       tokenizer = TokenizerAdapter.from_pretrained(actor)
     self.tokenizer = tokenizer
-    actor_mesh = meshes.get(Role.ACTOR) or _mesh_of(self.actor)
+    actor_mesh = meshes.get(Role.ACTOR) or module_mesh(self.actor)
     self._meshes = {role: meshes.get(role, actor_mesh) for role in Role}
     self._meshes[Role.ACTOR] = actor_mesh
     self.critic = self._load(critic, self._meshes[Role.CRITIC], "critic")
     self.reward_model = self._load(reward, self._meshes[Role.REWARD], "reward")
     self.is_lora = is_lora_enabled(self.actor)
-    if reference is not None:
-      self.reference = self._load(reference, self._meshes[Role.REFERENCE], "reference")
-      self.reference_kind = "model"
-    elif self.is_lora:
-      self.reference, self.reference_kind = None, "lora_disabled"
+    choice = choose_reference(self.actor, reference)
+    self.reference_kind = choice.kind
+    if choice.kind == "model":
+      self.reference = self._load(choice.model, self._meshes[Role.REFERENCE], "reference")
     else:
-      # The initial weights, before any update: shares the arrays until training replaces the actor's.
-      self.reference, self.reference_kind = nnx.clone(self.actor), "snapshot"
-      if not same_devices(self._meshes[Role.REFERENCE], actor_mesh):
+      self.reference = choice.model  # a snapshot shares the arrays until training replaces the actor's
+      if self.reference is not None and not same_devices(self._meshes[Role.REFERENCE], actor_mesh):
         _place_like(self.reference, self._meshes[Role.REFERENCE], copy=True)
     self._offload = bool(cluster_config.offload_to_cpu) and self.reference is not None
     if self._offload:
@@ -355,7 +345,7 @@ class RLCluster:
       return load_model(model, mesh=mesh)
     if not isinstance(model, nnx.Module):
       raise TypeError(f"The {what} must be an nnx.Module or a model folder path, got {type(model).__name__}.")
-    if mesh is not None and not same_devices(_mesh_of(model), mesh):
+    if mesh is not None and not same_devices(module_mesh(model), mesh):
       shard_model(model, mesh)
     return model
 
@@ -411,7 +401,7 @@ class RLCluster:
     Safe to hand to another thread: the arrays are new buffers that training never reuses.
     """
     if self._actor_trainer is not None:
-      self._actor_trainer._sync_model()
+      self._actor_trainer.sync_model()
     source = nnx.as_pure(self._trainable_state(self.actor))
     if self.rollout_is_actor:
       return source
@@ -423,9 +413,9 @@ class RLCluster:
     if not self.rollout_is_actor:
       nnx.update(self.rollout_model, weights)
     if self.uses_vllm:
-      self._push_to_engine()
+      self.push_to_engine()
 
-  def _push_to_engine(self) -> None:
+  def push_to_engine(self) -> None:
     """Sends the rollout model's weights (LoRA folded in) to the running vLLM engine."""
     start = time.perf_counter()
     self.rollout_sampler().update_params(self.rollout_model)
@@ -440,9 +430,9 @@ class RLCluster:
       self.load_rollout_weights(weights)
     else:
       if self._actor_trainer is not None:
-        self._actor_trainer._sync_model()
+        self._actor_trainer.sync_model()
       if self.uses_vllm:
-        self._push_to_engine()
+        self.push_to_engine()
     self.num_weight_syncs += 1
     self.last_sync_seconds = time.perf_counter() - start
 
@@ -474,14 +464,13 @@ class RLCluster:
         self._sampler = Sampler(self.rollout_model, self.tokenizer, cache)
     return self._sampler
 
-  def _eos(self) -> list[int] | None:
+  def eos_tokens(self) -> list[int] | None:
+    """The rollout's stop tokens (``RolloutConfig.eos_tokens``; None: the tokenizer's)."""
     eos = self.rollout_config.eos_tokens
     return None if eos is None else list(eos)
 
   def pad_id(self) -> int:
-    pad = getattr(self.tokenizer, "pad_id", None)
-    pad = pad() if callable(pad) else pad
-    return int(pad) if pad is not None and int(pad) >= 0 else 0
+    return tokenizer_pad_id(self.tokenizer)
 
   def tokenize_prompts(self, prompts: Sequence[Any]) -> list[list[int]]:
     """Token ids of each prompt (strings are tokenized; id lists pass through), checked against max_prompt_length."""
@@ -525,7 +514,7 @@ class RLCluster:
         temperature=temperature,
         top_p=config.top_p if temperature else None,
         top_k=config.top_k if temperature else None,
-        eos_tokens=self._eos(),
+        eos_tokens=self.eos_tokens(),
         seed=self.next_seed() if seed is None else seed,
     )
     kwargs.update(overrides)

@@ -8,7 +8,9 @@ straight onto the shardings the live model and optimizer state have.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +85,61 @@ def _opt_leaves(opt_state: Any) -> dict[str, Any]:
   return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))}
 
 
+def check_checkpoint_directory(root_directory: str | Path, what: str = "checkpoint_root_directory") -> Path:
+  """The absolute folder checkpoints will go to, or a ValueError naming what is in the way.
+
+  Called before any training, so a path that is (or is under) a regular file
+  fails at once instead of at the first save, hours later.
+  """
+  path = Path(root_directory).expanduser().absolute()
+  for candidate in (path, *path.parents):
+    if candidate.exists() and not candidate.is_dir():
+      where = "is" if candidate == path else f"is under {str(candidate)!r}, which is"
+      raise ValueError(
+          f"{what}={str(root_directory)!r} {where} a file, not a folder: checkpoints need a folder. "
+          "Pass a folder path (it is created if missing)."
+      )
+  return path
+
+
+def _step_problem(folder: Path, has_opt_state: bool | None = None) -> str | None:
+  """Why the step folder ``folder`` cannot be restored (None when it is complete)."""
+  if not (folder / "_CHECKPOINT_METADATA").is_file():
+    return "no _CHECKPOINT_METADATA (the save never finished)"
+  try:
+    meta = json.loads((folder / "meta" / "metadata").read_text())
+  except (OSError, ValueError) as err:
+    return f"meta/metadata is missing or not JSON ({type(err).__name__})"
+  if not isinstance(meta, dict):
+    return "meta/metadata is not a JSON object"
+  items = ["params"] + (["opt_state"] if meta.get("has_opt_state") else [])
+  for item in items:
+    if not (folder / item / "_METADATA").is_file():
+      return f"{item}/ is incomplete"
+  return None
+
+
 class CheckpointManager:
   """Saves and restores a model (or its LoRA adapters), optimizer state and metadata.
 
+  Step folders that an interrupted save left incomplete (or that were damaged
+  later) are skipped with a warning that names them, and moved aside to
+  ``<step>.incomplete-<time>`` so the step can be saved again.
+
   Args:
-    root_directory: folder holding one sub-folder per saved step.
+    root_directory: folder holding one sub-folder per saved step; None
+      disables checkpointing (``save`` returns False, nothing is restored).
     options: save interval, retention and async writing.
   """
 
-  def __init__(self, root_directory: str | Path, options: CheckpointingOptions | None = None):
-    self.root_directory = Path(root_directory).absolute()
+  def __init__(self, root_directory: str | Path | None, options: CheckpointingOptions | None = None):
     self.options = options or CheckpointingOptions()
+    self.root_directory = None if root_directory is None else check_checkpoint_directory(root_directory)
+    self._manager = None
+    self._closed = False
+    if self.root_directory is None:
+      return
+    self._set_aside_incomplete_steps()
     self._manager = ocp.CheckpointManager(
         self.root_directory,
         options=ocp.CheckpointManagerOptions(
@@ -104,16 +150,33 @@ class CheckpointManager:
         ),
     )
 
+  def _set_aside_incomplete_steps(self) -> None:
+    """Moves step folders that cannot be restored out of the way, warning with their names."""
+    if not self.root_directory.is_dir():
+      return
+    for folder in sorted(self.root_directory.iterdir()):
+      if not (folder.is_dir() and folder.name.isdigit()):
+        continue
+      problem = _step_problem(folder)
+      if problem is not None:
+        aside = folder.with_name(f"{folder.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        logger.warning(
+            "Skipping checkpoint step %s in %s: %s. Moved it to %s; resuming from the newest complete step.",
+            folder.name, self.root_directory, problem, aside.name,
+        )
+
   def latest_step(self) -> int | None:
     """The newest saved step, or None."""
-    return self._manager.latest_step()
+    return None if self._manager is None else self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return [] if self._manager is None else list(self._manager.all_steps())
 
   def should_save(self, step: int) -> bool:
     """Whether ``step`` is a multiple of the save interval that has not been saved yet."""
-    return step % self.options.save_interval_steps == 0 and step not in self._manager.all_steps()
+    return (self._manager is not None and step % self.options.save_interval_steps == 0
+            and step not in self._manager.all_steps())
 
   def save(
       self,
@@ -124,6 +187,8 @@ class CheckpointManager:
       force: bool = False,
   ) -> bool:
     """Saves at multiples of ``save_interval_steps`` (any step with ``force``); returns whether it saved."""
+    if self._manager is None:
+      return False
     if not force and step % self.options.save_interval_steps:
       return False
     if step in self._manager.all_steps():
@@ -148,6 +213,8 @@ class CheckpointManager:
     structure and shardings to restore into, and the restored state is
     returned (the input is not modified).
     """
+    if self._manager is None:
+      return None
     step = self._manager.latest_step() if step is None else step
     if step is None:
       return None
@@ -186,7 +253,7 @@ class CheckpointManager:
 
   def saved_parameter_paths(self, step: int | None = None) -> list[str]:
     """Dotted paths of the parameters stored at ``step`` (default: the newest)."""
-    step = self._manager.latest_step() if step is None else step
+    step = self.latest_step() if step is None else step
     if step is None:
       return []
     tree = self._manager.item_metadata(step)["params"]
@@ -204,11 +271,18 @@ class CheckpointManager:
 
   def wait_until_finished(self) -> None:
     """Blocks until an asynchronous save has been written completely."""
-    self._manager.wait_until_finished()
+    if self._manager is not None:
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a pending save to be committed, then ends Orbax's background threads."""
+    if self._manager is None or self._closed:
+      return
+    self._closed = True
+    try:
+      self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
 
 
-__all__ = ["CheckpointManager", "CheckpointingOptions", "RestoredCheckpoint"]
+__all__ = ["CheckpointManager", "CheckpointingOptions", "RestoredCheckpoint", "check_checkpoint_directory"]

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from easytunix.generate.tokenizer_adapter import tokenizer_eos_id, tokenizer_pad_id
 from easytunix.sft.peft_trainer import TrainingInput
 
 
@@ -81,7 +82,7 @@ class _Builder:
 
 
 def _eos(tokenizer: Any) -> int:
-  eos = getattr(tokenizer, "eos_id", None)
+  eos = tokenizer_eos_id(tokenizer)
   if eos is None:
     raise ValueError("The tokenizer has no EOS token; pass add_eos=False or use a tokenizer with one.")
   return int(eos)
@@ -280,8 +281,7 @@ class SupervisedDataset:
           f"{name} has {len(self.examples)} examples, fewer than batch_size={batch_size}: no full batch. "
           "Use a smaller batch_size or drop_remainder=False."
       )
-    pad_id = getattr(tokenizer, "pad_id", None)
-    self.pad_id = int(pad_id if pad_id is not None else 0)
+    self.pad_id = tokenizer_pad_id(tokenizer)
     self.batch_size = batch_size
     self.max_length = max_length
     self.shuffle = shuffle

@@ -164,11 +164,6 @@ def trainable_filter(model: nnx.Module) -> Any:
   return nnx.LoRAParam if is_lora_enabled(model) else nnx.Param
 
 
-def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """``(graphdef, trainable, frozen)``: the trainable state (see :func:`trainable_filter`) and the rest."""
-  return nnx.split(model, trainable_filter(model), ...)
-
-
 def base_params(model: nnx.Module) -> nnx.State:
   """Every ``nnx.Param`` that is not a LoRA adapter."""
   return nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
@@ -189,6 +184,5 @@ __all__ = [
     "lora_modules",
     "lora_params",
     "merge_lora",
-    "split_trainable",
     "trainable_filter",
 ]

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from easytunix.layers.sharding import module_mesh
 from easytunix.sft import hooks as hooks_lib
 from easytunix.sft.checkpoint import CheckpointingOptions, CheckpointManager
 from easytunix.sft.lora import is_lora_enabled, trainable_filter
@@ -561,19 +562,29 @@ class PeftTrainer:
     """``(epoch, micro-batches of that epoch consumed)``: where the data stream stands."""
     return self._data_position
 
+  def continue_from(self, previous: "PeftTrainer") -> bool:
+    """Takes over ``previous``'s optimizer state and step count, as a second Keras ``fit`` continues the first.
+
+    Only a trainer that has not stepped yet continues, and only when both
+    optimizer states have the same structure (the same optimizer over the same
+    trainable parameters); otherwise nothing changes.
+
+    Returns:
+      Whether this trainer now continues from ``previous``.
+    """
+    if self._train_steps or jax.tree.structure(previous.opt_state) != jax.tree.structure(self._opt_state):
+      return False
+    self._opt_state = previous.opt_state
+    self._train_steps = previous.train_steps()
+    return True
+
   @property
   def opt_state(self) -> Any:
     """The optimizer state (a pytree of arrays)."""
     return self._opt_state
 
   def _mesh(self) -> jax.sharding.Mesh | None:
-    if self.config.mesh is not None:
-      return self.config.mesh
-    for leaf in jax.tree.leaves(nnx.state(self.model, nnx.Param)):
-      sharding = getattr(leaf, "sharding", None)
-      if isinstance(sharding, NamedSharding):
-        return sharding.mesh
-    return None
+    return self.config.mesh if self.config.mesh is not None else module_mesh(self.model)
 
   def _device(self) -> jax.Device:
     """The device of the model's first parameter (used when there is no mesh)."""
@@ -630,7 +641,7 @@ class PeftTrainer:
   def _save_checkpoint(self, force: bool = False) -> None:
     if self.checkpoint_manager is None or not (force or self.checkpoint_manager.should_save(self._train_steps)):
       return
-    self._sync_model()
+    self.sync_model()
     epoch, batch = self._data_position
     self.checkpoint_manager.save(
         self._train_steps, self.model, self._opt_state, dict(epoch=epoch, batch_in_epoch=batch), force=force
@@ -744,7 +755,7 @@ class PeftTrainer:
   def evaluate(self, eval_ds: Iterable[Any] | None, skip_jit: bool = False) -> dict[str, float]:
     """Runs the eval loss over ``eval_ds``; logs and returns token-weighted ``eval/*`` metrics."""
     _, eval_step = self.jit_train_and_eval_step(skip_jit)
-    self._sync_model()
+    self.sync_model()
     placement = self._placement()
     _, trainable, frozen = nnx.split(self.model, self._trainable_filter(), ...)
     trainable, frozen = _commit(nnx.as_pure(trainable)), _commit(nnx.as_pure(frozen))
@@ -818,7 +829,7 @@ class PeftTrainer:
     try:
       while config.max_steps is None or self._train_steps < config.max_steps:
         if user_code_reads_model:
-          self._sync_model()
+          self.sync_model()
         group, position = [], self._data_position
         for batch, position in source:
           group.append(self._prepare_inputs(batch))
@@ -854,13 +865,13 @@ class PeftTrainer:
             self.evaluate(eval_ds, skip_jit)
             evaluated_at = self._train_steps
         if hooks is not None:
-          self._sync_model()
+          self.sync_model()
           hooks.on_train_step_end(self, metrics["loss"])
         if self.stop_training:
           logger.info("Training stopped by a hook after step %d.", self._train_steps)
           break
       self._read_pending()
-      self._sync_model()
+      self.sync_model()
       if not self.is_managed_externally:
         if (eval_ds is not None or self.data_hooks is not None) and evaluated_at != self._train_steps:
           self.evaluate(eval_ds, skip_jit)
@@ -869,16 +880,23 @@ class PeftTrainer:
         hooks.on_train_end(self)
     finally:
       source.close()
-      self._sync_model()
+      self.sync_model()
       self._live = None
+      if self.checkpoint_manager is not None:
+        # The last save is committed before train returns (or raises): a script may exit right after.
+        self.checkpoint_manager.wait_until_finished()
       self._stop_profiler()
       self.metrics_logger.flush()
       if self._pbar is not None:
         self._pbar.close()
         self._pbar = None
 
-  def _sync_model(self) -> None:
-    """Writes the newest trainable arrays of a running ``train`` into the model's variables."""
+  def sync_model(self) -> None:
+    """Writes the newest trainable arrays of a running ``train`` into the model's variables.
+
+    The loop does this before hooks, evaluation and checkpoints; code that reads
+    the model from elsewhere during training (e.g. a rollout thread) calls it first.
+    """
     if self._live is not None:
       self._live.sync()
 

@@ -1,13 +1,13 @@
-"""Small tasks with checkable answers, for tests and quick experiments.
+"""Small tasks with checkable answers, bundled for the quickstart and the guides.
 
 Each task is a fixed-seed list of prompt/completion records split into train
-and held-out parts that share no prompt; :func:`exact_match` scores generations.
+and held-out parts that share no prompt; ``task.score`` is the held-out
+exact-match rate of generations.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import string
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -37,10 +37,14 @@ class SyntheticTask:
 
   def score(self, predictions: Sequence[str]) -> float:
     """Exact-match accuracy of ``predictions`` against the held-out completions."""
-    return exact_match(predictions, self.eval_answers)
+    return exact_match_rate(predictions, self.eval_answers)
 
 
-def _split(records: list[dict[str, str]], num_train: int | None, num_eval: int, seed: int, name: str) -> SyntheticTask:
+def split_records(
+    records: list[dict[str, str]], num_train: int | None, num_eval: int, seed: int | np.random.Generator
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+  """Shuffles ``records`` and returns ``(train, held_out)``: ``num_eval`` held out, the rest
+  (or ``num_train`` of it) to train on. ``seed`` may be a Generator to continue its stream."""
   order = np.random.default_rng(seed).permutation(len(records))
   if num_eval >= len(records):
     raise ValueError(f"num_eval={num_eval} leaves no training data out of {len(records)} examples.")
@@ -50,7 +54,12 @@ def _split(records: list[dict[str, str]], num_train: int | None, num_eval: int, 
     if num_train > len(rest):
       raise ValueError(f"num_train={num_train} exceeds the {len(rest)} examples left after the held-out split.")
     rest = rest[:num_train]
-  return SyntheticTask(name=name, train=rest, eval=held_out)
+  return rest, held_out
+
+
+def _split(records: list[dict[str, str]], num_train: int | None, num_eval: int, seed: int, name: str) -> SyntheticTask:
+  train, held_out = split_records(records, num_train, num_eval, seed)
+  return SyntheticTask(name=name, train=train, eval=held_out)
 
 
 def addition_task(
@@ -67,32 +76,6 @@ def addition_task(
       for b in range(max_operand + 1)
   ]
   return _split(records, num_train, num_eval, seed, f"addition(0..{max_operand})")
-
-
-def reversal_task(
-    num_train: int = 4000,
-    num_eval: int = 500,
-    seed: int = 0,
-    min_length: int = 3,
-    max_length: int = 6,
-    alphabet: str = string.ascii_lowercase,
-) -> SyntheticTask:
-  """``"abcd>"`` -> ``"dcba"``: distinct random strings, reversed."""
-  if not 0 < min_length <= max_length:
-    raise ValueError(f"Need 0 < min_length <= max_length, got {min_length} and {max_length}.")
-  rng = np.random.default_rng(seed)
-  wanted = num_train + num_eval
-  seen: dict[str, None] = {}
-  letters = np.array(list(alphabet))
-  for _ in range(wanted * 20):
-    if len(seen) == wanted:
-      break
-    n = int(rng.integers(min_length, max_length + 1))
-    seen["".join(rng.choice(letters, n))] = None
-  if len(seen) < wanted:
-    raise ValueError(f"Could not draw {wanted} distinct strings; lower num_train/num_eval or allow longer strings.")
-  records = [{"prompt": f"{s}>", "completion": s[::-1]} for s in seen]
-  return _split(records, num_train, num_eval, seed + 1, f"reversal({min_length}..{max_length})")
 
 
 def with_label_noise(
@@ -121,7 +104,7 @@ def with_label_noise(
   return SyntheticTask(name=f"{task.name} with {fraction:.0%} wrong labels", train=train, eval=list(task.eval))
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+def exact_match_rate(predictions: Sequence[str], references: Sequence[str]) -> float:
   """Fraction of predictions equal to their reference after stripping surrounding whitespace."""
   if len(predictions) != len(references):
     raise ValueError(f"Got {len(predictions)} predictions for {len(references)} references.")
@@ -130,4 +113,4 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
   return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
-__all__ = ["SyntheticTask", "addition_task", "exact_match", "reversal_task", "with_label_noise"]
+__all__ = ["SyntheticTask", "addition_task", "exact_match_rate", "split_records", "with_label_noise"]

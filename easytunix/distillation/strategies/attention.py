@@ -9,13 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from easytunix.distillation.strategies.base_strategy import (
-    IntermediateStrategy,
-    LayerwiseProjection,
-    ModelForwardCallable,
-    cosine_distance,
-    masked_mean,
-)
+from easytunix.distillation.strategies.base_strategy import IntermediateStrategy
+from easytunix.distillation.strategies.defaults import ModelForwardCallable
+from easytunix.distillation.strategies.losses import cosine_distance, masked_mean, pool_layers
+from easytunix.distillation.strategies.projection import LayerwiseProjection
 
 
 def _query_weights(token_mask: jax.Array) -> jax.Array:
@@ -33,8 +30,8 @@ def match_attention(student: jax.Array, teacher: jax.Array) -> tuple[jax.Array, 
   """Brings [B, L, H, T, S] maps of both models to one shape: layers average-pooled to the
   smaller count; heads averaged (to one) when the head counts differ."""
   num_layers = min(student.shape[1], teacher.shape[1])
-  student = IntermediateStrategy.pool_layers(student.astype(jnp.float32), num_layers)
-  teacher = IntermediateStrategy.pool_layers(teacher.astype(jnp.float32), num_layers)
+  student = pool_layers(student.astype(jnp.float32), num_layers)
+  teacher = pool_layers(teacher.astype(jnp.float32), num_layers)
   if student.shape[2] != teacher.shape[2]:
     student = student.mean(axis=2, keepdims=True)
     teacher = teacher.mean(axis=2, keepdims=True)

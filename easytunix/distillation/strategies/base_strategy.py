@@ -1,209 +1,56 @@
-"""What every distillation strategy shares: forward functions, labels, masks and loss helpers.
+"""The base classes of distillation strategies.
 
 A strategy turns a batch into a loss. The trainer calls
 :meth:`BaseStrategy.get_teacher_outputs` outside the differentiated step and
 :meth:`BaseStrategy.get_train_loss` inside it. Strategies may be built without
 their three functions; :meth:`BaseStrategy.bind_defaults` then fills in the
 ones that fit easytunix causal LMs fed :class:`~easytunix.sft.peft_trainer.TrainingInput`
-batches.
+batches. :class:`IntermediateStrategy` is the base of the strategies that
+compare captured layer outputs or attention maps.
 
-Array layouts are batch-first so the trainer can split and stack them along
-the batch: logits [B, T, V], features [B, L, T, D], attention maps
-[B, L, heads, T, S] (L: captured layers).
+The defaults live in ``defaults``, the loss maths in ``losses`` and the learned
+projection in ``projection``; their names are re-exported here, where they
+were first defined.
 """
 
 from __future__ import annotations
 
 import abc
-import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
-from easytunix.distillation.capture import capture_intermediates, find_modules, layer_names
-
-T = TypeVar("T")
-
-ModelForwardCallable = Callable[..., T]
-"""``forward(model, **inputs) -> output``: one forward pass of a model (an alias of ``Callable[..., Any]``)."""
+from easytunix.distillation.capture import can_report_attention, capture_intermediates, find_modules, layer_names
+from easytunix.distillation.strategies.defaults import (
+    ModelForwardCallable,
+    T,
+    TokenLabels,
+    default_dummy_input,
+    default_forward_fn,
+    default_functions,
+    default_labels_fn,
+    token_mask_of,
+    vocab_size_of,
+)
+from easytunix.distillation.strategies.losses import (
+    adaptive_avg_pool,
+    call_loss_fn,
+    check_alpha,
+    cosine_distance,
+    count_tokens,
+    label_mask,
+    masked_mean,
+    pool_layers,
+    pooling_matrix,
+    stack_layers,
+    task_loss,
+)
+from easytunix.distillation.strategies.projection import LayerwiseProjection, replicate_on_devices_of
 
 NUM_TOKENS = "num_tokens"  # the aux key the trainer weights micro-batches by
-
-
-@flax.struct.dataclass
-class TokenLabels:
-  """Next-token targets aligned with the logits: position t predicts ``targets[:, t]``.
-
-  Attributes:
-    targets: [B, T] int token ids (the input shifted left by one; the last slot is 0).
-    mask: [B, T] bool, True where a real (completion) token is predicted.
-  """
-
-  targets: Any
-  mask: Any
-
-
-def default_forward_fn(
-    model: nnx.Module,
-    input_tokens: jax.Array,
-    input_mask: jax.Array | None = None,
-    positions: jax.Array | None = None,
-    **_: Any,
-) -> jax.Array:
-  """The logits [B, T, V] of an easytunix causal LM (padding masked out of attention)."""
-  mask = None if input_mask is None else jnp.asarray(input_mask).astype(jnp.bool_)
-  logits, _ = model(input_tokens, positions=positions, attention_mask=mask)
-  return logits
-
-
-def default_labels_fn(
-    input_tokens: jax.Array,
-    input_mask: jax.Array | None = None,
-    completion_mask: jax.Array | None = None,
-    **_: Any,
-) -> TokenLabels:
-  """Next-token labels of a :class:`TrainingInput` batch: every real token, or the completion only."""
-  tokens = jnp.asarray(input_tokens)
-  mask = jnp.ones(tokens.shape, jnp.bool_) if input_mask is None else jnp.asarray(input_mask).astype(jnp.bool_)
-  if completion_mask is not None:
-    mask = mask & jnp.asarray(completion_mask).astype(jnp.bool_)
-  pad = jnp.zeros(tokens.shape[:-1] + (1,), tokens.dtype)
-  targets = jnp.concatenate([tokens[..., 1:], pad], axis=-1)
-  target_mask = jnp.concatenate([mask[..., 1:], jnp.zeros(pad.shape, jnp.bool_)], axis=-1)
-  return TokenLabels(targets=targets, mask=target_mask)
-
-
-def default_functions() -> tuple[ModelForwardCallable[jax.Array], ModelForwardCallable[jax.Array], Callable[..., TokenLabels]]:
-  """``(student_forward_fn, teacher_forward_fn, labels_fn)`` for easytunix causal LMs and TrainingInput batches."""
-  return default_forward_fn, default_forward_fn, default_labels_fn
-
-
-# ----------------------------------------------------------------------------- loss helpers
-
-
-def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Mean of ``values`` over the entries where ``mask`` (broadcast to its shape) is True; 0 when none is."""
-  values = values.astype(jnp.float32)
-  if mask is None:
-    return values.mean()
-  weights = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), values.shape)
-  return jnp.where(weights > 0, values, 0.0).sum() / jnp.maximum(weights.sum(), 1.0)
-
-
-def task_loss(logits: jax.Array, labels: Any) -> jax.Array:
-  """Cross-entropy of ``logits`` [..., V] against ``labels``.
-
-  ``labels`` is a :class:`TokenLabels` (masked mean over its mask), integer
-  ids [...] or a distribution / one-hot array [..., V] (plain mean).
-  """
-  logits = logits.astype(jnp.float32)
-  if isinstance(labels, TokenLabels):
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels.targets)
-    return masked_mean(nll, labels.mask)
-  labels = jnp.asarray(labels)
-  if labels.shape == logits.shape:
-    return optax.softmax_cross_entropy(logits, labels.astype(jnp.float32)).mean()
-  if labels.shape == logits.shape[:-1] and jnp.issubdtype(labels.dtype, jnp.integer):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  raise ValueError(
-      f"Labels of shape {labels.shape} do not fit logits of shape {logits.shape}: a labels_fn returns a "
-      "TokenLabels, integer ids shaped like the logits without the vocabulary axis, or one-hot labels shaped like them."
-  )
-
-
-def label_mask(labels: Any) -> jax.Array | None:
-  """The positions a loss counts (None: all)."""
-  return labels.mask if isinstance(labels, TokenLabels) else None
-
-
-def count_tokens(labels: Any, logits_shape: tuple[int, ...] | None = None) -> jax.Array:
-  """How many positions the task loss averages over (weights micro-batches in accumulation)."""
-  if isinstance(labels, TokenLabels):
-    return jnp.asarray(labels.mask).astype(jnp.float32).sum()
-  shape = jnp.shape(labels)
-  if logits_shape is not None and tuple(shape) == tuple(logits_shape):
-    shape = shape[:-1]
-  return jnp.asarray(float(np.prod(shape)), jnp.float32)
-
-
-def cosine_distance(a: jax.Array, b: jax.Array, axis: int | tuple[int, ...] = -1, eps: float = 1e-8) -> jax.Array:
-  """``1 - cos(a, b)`` along ``axis`` (the axis is reduced); zero vectors count as orthogonal."""
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  # max() before sqrt keeps the gradient finite at zero vectors (padding).
-  norm_a = jnp.sqrt(jnp.maximum((a * a).sum(axis), eps * eps))
-  norm_b = jnp.sqrt(jnp.maximum((b * b).sum(axis), eps * eps))
-  return 1.0 - (a * b).sum(axis) / (norm_a * norm_b)
-
-
-def pooling_matrix(size_in: int, size_out: int) -> np.ndarray:
-  """[size_out, size_in] averaging weights of adaptive average pooling.
-
-  Output i averages inputs ``floor(i * n / m)`` to ``ceil((i + 1) * n / m) - 1``
-  (n inputs, m outputs): equal groups when m divides n, overlapping bins otherwise.
-  """
-  if size_out > size_in:
-    raise ValueError(f"Pooling shrinks an axis; cannot pool {size_in} entries to {size_out}.")
-  weights = np.zeros((size_out, size_in), np.float32)
-  for i in range(size_out):
-    start = (i * size_in) // size_out
-    stop = -(-((i + 1) * size_in) // size_out)
-    weights[i, start:stop] = 1.0 / (stop - start)
-  return weights
-
-
-def adaptive_avg_pool(x: jax.Array, size: int, axis: int) -> jax.Array:
-  """Average-pools ``axis`` of ``x`` to ``size`` entries (unchanged when it already has that many)."""
-  axis = axis % x.ndim
-  if x.shape[axis] == size:
-    return x
-  weights = jnp.asarray(pooling_matrix(x.shape[axis], size))
-  moved = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
-  return jnp.moveaxis(moved @ weights.T, -1, axis)
-
-
-def stack_layers(values: list[jax.Array], what: str) -> jax.Array:
-  """Stacks per-layer arrays [B, ...] into [B, L, ...] (they must share a shape)."""
-  shapes = {tuple(v.shape) for v in values}
-  if len(shapes) != 1:
-    raise ValueError(
-        f"The captured {what} have different shapes {sorted(shapes)}; choose a layer class whose instances "
-        "all produce the same shape (e.g. the decoder layer)."
-    )
-  return jnp.stack(values, axis=1)
-
-
-def call_loss_fn(fn: Callable[..., jax.Array], student: jax.Array, teacher: jax.Array, mask: jax.Array) -> jax.Array:
-  """Calls a user's loss ``fn(student, teacher)`` (or ``fn(student, teacher, mask=...)`` when it takes a mask)."""
-  try:
-    takes_mask = "mask" in inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    takes_mask = False
-  out = fn(student, teacher, mask=mask) if takes_mask else fn(student, teacher)
-  return jnp.asarray(out, jnp.float32).mean()
-
-
-def check_alpha(alpha: float) -> float:
-  if not 0.0 <= float(alpha) <= 1.0:
-    raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
-  return float(alpha)
-
-
-def vocab_size_of(model: nnx.Module) -> int | None:
-  """The vocabulary size of an easytunix model (None when it does not say)."""
-  config = getattr(model, "config", None)
-  size = getattr(config, "vocab_size", None)
-  if size is None:
-    size = getattr(model, "num_embed", None)
-  return int(size) if isinstance(size, (int, np.integer)) else None
-
-
-# ----------------------------------------------------------------------------- the strategy
 
 
 class BaseStrategy(abc.ABC):
@@ -344,63 +191,7 @@ def _logits_shape(student_output: Any) -> tuple[int, ...] | None:
   return tuple(shape) if shape is not None else None
 
 
-def token_mask_of(inputs: dict[str, Any], batch_shape: tuple[int, ...]) -> jax.Array:
-  """The real-token mask [B, T] of a batch (all True without ``input_mask``)."""
-  mask = inputs.get("input_mask") if isinstance(inputs, dict) else None
-  if mask is None:
-    return jnp.ones(batch_shape, jnp.bool_)
-  return jnp.asarray(mask).astype(jnp.bool_)
-
-
 # ----------------------------------------------------------------------------- strategies on intermediates
-
-
-class LayerwiseProjection(nnx.Module):
-  """One learned linear map per layer along one axis of [B, L, ...] maps (student -> teacher sizes).
-
-  Args:
-    num_layers: L.
-    in_features / out_features: the size of ``axis`` before and after.
-    axis: the projected axis of the [B, L, ...] input (e.g. -1 for features [B, L, T, D],
-      2 for the heads of attention maps [B, L, H, T, S]).
-    init: ``init(key, shape) -> kernel`` [L, in, out].
-  """
-
-  def __init__(
-      self,
-      num_layers: int,
-      in_features: int,
-      out_features: int,
-      axis: int,
-      *,
-      rngs: nnx.Rngs,
-      init: Callable[[jax.Array, tuple[int, ...]], jax.Array] | None = None,
-  ):
-    init = init or (lambda key, shape: jax.random.normal(key, shape, jnp.float32) * in_features**-0.5)
-    self.axis = axis
-    self.kernel = nnx.Param(init(rngs.params(), (num_layers, in_features, out_features)))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    moved = jnp.moveaxis(x.astype(jnp.float32), self.axis, -1)  # [B, L, ..., in]
-    kernel = self.kernel[...]
-    extra = moved.ndim - 3
-    kernel = kernel.reshape(kernel.shape[:1] + (1,) * extra + kernel.shape[1:])  # [L, 1.., in, out]
-    projected = (moved[..., None, :] @ kernel)[..., 0, :]
-    return jnp.moveaxis(projected, -1, self.axis)
-
-
-def _place_like(module: nnx.Module, reference: nnx.Module) -> None:
-  """Puts ``module``'s arrays where ``reference``'s parameters are (replicated on their mesh)."""
-  leaves = jax.tree.leaves(nnx.state(reference, nnx.Param))
-  if not leaves or not hasattr(leaves[0], "sharding"):
-    return
-  sharding = leaves[0].sharding
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-  else:
-    target = jax.sharding.SingleDeviceSharding(next(iter(leaves[0].devices())))
-  state = nnx.state(module)
-  nnx.update(module, jax.tree.map(lambda x: jax.device_put(x, target), state))
 
 
 class IntermediateStrategy(BaseStrategy):
@@ -455,11 +246,11 @@ class IntermediateStrategy(BaseStrategy):
             "to capture. Pass the layer class the model is built from."
         )
       if self.maps_key == "attention":
-        bad = [type(m).__name__ for _, m in found if not hasattr(m, "capture_weights")]
+        bad = [type(m).__name__ for _, m in found if not can_report_attention(m)]
         if bad:
           raise ValueError(
               f"The {role}'s {bad[0]} modules cannot report attention weights: attention distillation needs "
-              "layers with a `capture_weights` switch that sow 'attention_weights' (easytunix Attention)."
+              "layers that sow 'attention_weights' when asked (easytunix Attention) or nnx.MultiHeadAttention."
           )
 
   def get_teacher_outputs(self, teacher_model: nnx.Module, inputs: dict[str, Any]) -> jax.Array:
@@ -482,10 +273,7 @@ class IntermediateStrategy(BaseStrategy):
 
   # -------------------------------------------------------------- losses
 
-  @staticmethod
-  def pool_layers(maps: jax.Array, num_layers: int) -> jax.Array:
-    """Average-pools the layer axis (1) of [B, L, ...] maps to ``num_layers``."""
-    return adaptive_avg_pool(maps, num_layers, axis=1)
+  pool_layers = staticmethod(pool_layers)
 
   @abc.abstractmethod
   def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array) -> jax.Array:
@@ -530,7 +318,7 @@ class IntermediateStrategy(BaseStrategy):
     student_maps = self._abstract_maps(student_model, self.student_forward_fn, inputs)
     teacher_maps = self._abstract_maps(teacher_model, self.teacher_forward_fn, inputs)
     projection = self.make_projection(student_maps, teacher_maps)
-    _place_like(projection, student_model)
+    replicate_on_devices_of(projection, student_model)
     setattr(student_model, name, projection)
     self.projection = projection
 
@@ -543,14 +331,6 @@ class IntermediateStrategy(BaseStrategy):
 def _seq_len(maps: jax.Array, maps_key: str) -> int:
   # features [B, L, T, D]: T is axis 2; attention [B, L, H, T, S]: T is axis 3.
   return maps.shape[2] if maps_key == "features" else maps.shape[3]
-
-
-def default_dummy_input(batch_size: int = 1, length: int = 8) -> dict[str, jax.Array]:
-  """A small all-real batch (token id 1) that traces a model to learn its map shapes."""
-  return {
-      "input_tokens": jnp.ones((batch_size, length), jnp.int32),
-      "input_mask": jnp.ones((batch_size, length), jnp.bool_),
-  }
 
 
 __all__ = [

@@ -9,13 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from easytunix.distillation.strategies.base_strategy import (
-    IntermediateStrategy,
-    ModelForwardCallable,
-    adaptive_avg_pool,
-    cosine_distance,
-    masked_mean,
-)
+from easytunix.distillation.strategies.base_strategy import IntermediateStrategy
+from easytunix.distillation.strategies.defaults import ModelForwardCallable
+from easytunix.distillation.strategies.losses import adaptive_avg_pool, cosine_distance, masked_mean
 
 
 def pool_features(student: jax.Array, teacher: jax.Array) -> tuple[jax.Array, jax.Array]:

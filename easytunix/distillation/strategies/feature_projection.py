@@ -8,12 +8,10 @@ from typing import Any
 import jax
 from flax import nnx
 
-from easytunix.distillation.strategies.base_strategy import (
-    IntermediateStrategy,
-    LayerwiseProjection,
-    ModelForwardCallable,
-    masked_mean,
-)
+from easytunix.distillation.strategies.base_strategy import IntermediateStrategy
+from easytunix.distillation.strategies.defaults import ModelForwardCallable
+from easytunix.distillation.strategies.losses import masked_mean
+from easytunix.distillation.strategies.projection import LayerwiseProjection
 
 
 class FeatureProjectionStrategy(IntermediateStrategy):

@@ -9,15 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from easytunix.distillation.strategies.base_strategy import (
-    BaseStrategy,
-    ModelForwardCallable,
-    check_alpha,
-    label_mask,
-    masked_mean,
-    task_loss,
-    vocab_size_of,
-)
+from easytunix.distillation.strategies.base_strategy import BaseStrategy
+from easytunix.distillation.strategies.defaults import ModelForwardCallable, vocab_size_of
+from easytunix.distillation.strategies.losses import check_alpha, label_mask, masked_mean, task_loss
 
 
 def softened_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:

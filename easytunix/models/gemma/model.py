@@ -84,3 +84,4 @@ class Transformer(CausalLM):
   """The Gemma transformer."""
 
   config_class: ClassVar[type] = TransformerConfig
+  family: ClassVar[str] = "gemma"

@@ -127,3 +127,4 @@ class Gemma3(CausalLM):
   """The Gemma 3 text transformer."""
 
   config_class: ClassVar[type] = Gemma3Config
+  family: ClassVar[str] = "gemma3"

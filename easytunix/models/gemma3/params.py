@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 
 from easytunix.models.gemma3.model import Gemma3, Gemma3Config
 from easytunix.models.hf import load_hf_model, read_hf_config
+from easytunix.models._seed_paths import lazy_aliases
 from easytunix.models.loader import llama_style_rules
 
 
@@ -29,9 +30,5 @@ def create_model_from_checkpoint(
 create_model_from_safe_tensors = create_model_from_checkpoint
 
 
-def create_tokenizer(path: str | Path):
-  """The tokenizer stored in a Gemma 3 folder (tokenizer.json or tokenizer.model)."""
-  # Imported here: tokenizers live in easytunix.generate, a layer above the models.
-  from easytunix.generate.tokenizer_adapter import TokenizerAdapter
-
-  return TokenizerAdapter.from_pretrained(path)
+# Seed name: create_tokenizer(path) is TokenizerAdapter.from_pretrained, which lives in easytunix.generate.
+__getattr__ = lazy_aliases(__name__, {"create_tokenizer": "easytunix.generate.tokenizer_adapter:TokenizerAdapter.from_pretrained"})

@@ -92,3 +92,4 @@ class Llama3(CausalLM):
   """The Llama 3 transformer."""
 
   config_class: ClassVar[type] = ModelConfig
+  family: ClassVar[str] = "llama3"

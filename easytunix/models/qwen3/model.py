@@ -126,3 +126,4 @@ class Qwen3(CausalLM):
   """The Qwen 3 transformer (dense or MoE, by config)."""
 
   config_class: ClassVar[type] = ModelConfig
+  family: ClassVar[str] = "qwen3"

@@ -15,10 +15,12 @@ from easytunix.rl.dpo.dpo_trainer import (
     dpo_loss_fn,
     preference_loss,
 )
+from easytunix.rl.dpo.recipe import DpoRecipe
 
 __all__ = [
     "LOSS_TYPES",
     "DpoDataset",
+    "DpoRecipe",
     "DpoTrainer",
     "DpoTrainingConfig",
     "TrainExample",

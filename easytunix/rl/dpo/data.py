@@ -34,6 +34,7 @@ from typing import Any
 import flax.struct
 import numpy as np
 
+from easytunix.generate.tokenizer_adapter import tokenizer_eos_id, tokenizer_eos_ids, tokenizer_pad_id
 from easytunix.sft.data import batch_indices, num_batches
 
 
@@ -172,17 +173,9 @@ def _encode(tokenizer: Any, text: str, first: bool) -> list[int]:
   return [int(t) for t in tokenizer.encode(text, add_special_tokens=special)]
 
 
-def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
-  ids = getattr(tokenizer, "eos_ids", None)
-  if ids:
-    return tuple(int(i) for i in ids)
-  eos = getattr(tokenizer, "eos_id", None)
-  return () if eos is None else (int(eos),)
-
-
 def _with_eos(tokens: list[int], tokenizer: Any, chat: bool, label: str) -> tuple[int, ...]:
-  eos = getattr(tokenizer, "eos_id", None)
-  if chat and any(t in _eos_ids(tokenizer) for t in tokens):
+  eos = tokenizer_eos_id(tokenizer)
+  if chat and any(t in tokenizer_eos_ids(tokenizer) for t in tokens):
     return tuple(tokens)  # the template's end-of-turn token ends the response
   if eos is None:
     raise ValueError(f"{label}: the tokenizer has no EOS token to end responses with.")
@@ -363,13 +356,6 @@ def pad_pairs(
   )
 
 
-def _pad_id(tokenizer: Any) -> int:
-  pad = getattr(tokenizer, "pad_id", None)
-  if pad is None:
-    pad = getattr(tokenizer, "eos_id", None)
-  return int(pad if pad is not None else 0)
-
-
 def process_dpo_record(
     record: Mapping[str, Any],
     tokenizer: Any,
@@ -387,7 +373,7 @@ def process_dpo_record(
   (pair,), width_p, width_r, stats = layout_pairs([pair], max_seq_length, max_prompt_length)
   if stats.any:
     warnings.warn(stats.message(max_seq_length, "this record"), stacklevel=2)
-  return pad_pairs([pair], width_p, width_r, _pad_id(tokenizer))
+  return pad_pairs([pair], width_p, width_r, tokenizer_pad_id(tokenizer, fallback_to_eos=True))
 
 
 class DpoDataset:
@@ -438,7 +424,7 @@ class DpoDataset:
           f"{name} has {len(self.pairs)} pairs, fewer than batch_size={batch_size}: no full batch. "
           "Use a smaller batch_size or drop_remainder=False."
       )
-    self.pad_id = _pad_id(tokenizer)
+    self.pad_id = tokenizer_pad_id(tokenizer, fallback_to_eos=True)
     self.batch_size = batch_size
     self.max_seq_length = max_seq_length
     self.shuffle = shuffle

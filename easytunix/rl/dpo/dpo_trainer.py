@@ -53,7 +53,8 @@ from easytunix.rl.dpo.data import (
     dpo_batches,
     process_dpo_record,
 )
-from easytunix.sft.lora import is_lora_enabled, lora_disabled
+from easytunix.rl.reference import choose_reference
+from easytunix.sft.lora import lora_disabled
 from easytunix.sft.peft_trainer import NUM_TOKENS, PeftTrainer, TrainingConfig, token_log_probs
 
 logger = logging.getLogger(__name__)
@@ -340,24 +341,13 @@ class DpoTrainer(PeftTrainer):
           "DpoTrainer needs an easytunix.rl.dpo.dpo_trainer.DpoTrainingConfig (it has beta, loss_type, ...), "
           f"got {type(training_config).__name__}."
       )
-    if ref_model is model:
-      raise ValueError(
-          "ref_model is the policy itself, which training changes. Pass ref_model=None to use the initial "
-          "weights (or, with LoRA, the base weights), or a separate model."
-      )
     loss_type = training_config.loss_type
-    if loss_type in REFERENCE_FREE:
-      if ref_model is not None:
-        logger.warning("loss_type=%r needs no reference model; ref_model is ignored.", loss_type)
-      ref_model, self.reference = None, "none"
-    elif ref_model is not None:
-      self.reference = "model"
-    elif is_lora_enabled(model):
-      self.reference = "lora_disabled"
-    else:
-      # Before PeftTrainer restores a checkpoint into the model: the reference is the initial weights.
-      ref_model, self.reference = nnx.clone(model), "snapshot"
-    self.ref_model = ref_model
+    needed = loss_type not in REFERENCE_FREE
+    if not needed and ref_model is not None and ref_model is not model:
+      logger.warning("loss_type=%r needs no reference model; ref_model is ignored.", loss_type)
+    # Before PeftTrainer restores a checkpoint into the model: a snapshot holds the initial weights.
+    choice = choose_reference(model, ref_model, needed=needed, name="ref_model")
+    self.reference, self.ref_model = choice.kind, choice.model
     self.num_ref_traces = 0
     self._ref_fn = None
     super().__init__(model, optimizer, training_config)

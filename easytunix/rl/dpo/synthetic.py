@@ -1,7 +1,5 @@
-"""Preference tasks with checkable answers, for tests, guides and quick experiments.
+"""A preference task with checkable answers, bundled for the DPO guide and quick experiments.
 
-* ``addition_preference_task``: ``{"prompt": "12+7=", "chosen": "19", "rejected": "21"}``,
-  the rejected answer a wrong sum near the right one (a preference about content).
 * ``answer_style_task``: ``{"prompt": "12+7=", "chosen": "19", "rejected": "19 19 19"}``
   (a preference about style: say it once and stop; a tiny model picks it up in a few dozen steps).
 
@@ -16,6 +14,8 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+
+from easytunix.sft.synthetic import exact_match_rate, split_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,54 +63,12 @@ class PreferenceTask:
 
   def score(self, predictions: Sequence[str]) -> float:
     """Fraction of ``predictions`` equal to the held-out chosen answers (surrounding whitespace ignored)."""
-    if len(predictions) != len(self.eval):
-      raise ValueError(f"Got {len(predictions)} predictions for {len(self.eval)} held-out pairs.")
-    return sum(p.strip() == a.strip() for p, a in zip(predictions, self.eval_answers)) / max(len(self.eval), 1)
+    return exact_match_rate(predictions, self.eval_answers)
 
 
 def _style_rate(predictions: Sequence[str], template: str) -> float:
   pattern = re.compile(re.escape(template).replace(re.escape("{answer}"), r"-?\d+"))
   return sum(bool(pattern.fullmatch(p.strip())) for p in predictions) / max(len(predictions), 1)
-
-
-def _split(records: list[dict[str, str]], num_train: int | None, num_eval: int, rng: np.random.Generator):
-  order = rng.permutation(len(records))
-  if num_eval >= len(records):
-    raise ValueError(f"num_eval={num_eval} leaves no training pairs out of {len(records)}.")
-  held_out = [records[i] for i in order[:num_eval]]
-  train = [records[i] for i in order[num_eval:]]
-  if num_train is not None:
-    if num_train > len(train):
-      raise ValueError(f"num_train={num_train} exceeds the {len(train)} pairs left after the held-out split.")
-    train = train[:num_train]
-  return train, held_out
-
-
-def addition_preference_task(
-    num_train: int | None = None,
-    num_eval: int = 200,
-    seed: int = 0,
-    max_operand: int = 49,
-    max_offset: int = 3,
-) -> PreferenceTask:
-  """``"a+b="``: chosen the sum, rejected a wrong sum off by 1 to ``max_offset`` (never negative).
-
-  Every operand pair in ``[0, max_operand]`` appears once; the pairs are shuffled
-  with ``seed``, the first ``num_eval`` are held out and the rest (or
-  ``num_train`` of them) train.
-  """
-  if max_operand < 1 or max_offset < 1:
-    raise ValueError(f"max_operand and max_offset must be >= 1, got {max_operand} and {max_offset}.")
-  rng = np.random.default_rng(seed)
-  records = []
-  for a in range(max_operand + 1):
-    for b in range(max_operand + 1):
-      total = a + b
-      offset = int(rng.integers(1, max_offset + 1))
-      wrong = total - offset if total - offset >= 0 and rng.random() < 0.5 else total + offset
-      records.append({"prompt": f"{a}+{b}=", "chosen": str(total), "rejected": str(wrong)})
-  train, held_out = _split(records, num_train, num_eval, rng)
-  return PreferenceTask(name=f"addition preference (0..{max_operand}, off by <= {max_offset})", train=train, eval=held_out)
 
 
 def answer_style_task(
@@ -123,7 +81,8 @@ def answer_style_task(
 ) -> PreferenceTask:
   """``"a+b="``: both responses hold the right sum; chosen writes it as ``chosen_template``
   (by default: once), rejected as ``rejected_template`` (by default: three times, the
-  repetition a preference step should remove). Split as :func:`addition_preference_task`."""
+  repetition a preference step should remove). Every operand pair in ``[0, max_operand]`` appears
+  once; ``num_eval`` pairs (shuffled with ``seed``) are held out, the rest (or ``num_train``) train."""
   for name, template in (("chosen_template", chosen_template), ("rejected_template", rejected_template)):
     if "{answer}" not in template:
       raise ValueError(f"{name} must contain '{{answer}}', got {template!r}.")
@@ -140,7 +99,7 @@ def answer_style_task(
       for a in range(max_operand + 1)
       for b in range(max_operand + 1)
   ]
-  train, held_out = _split(records, num_train, num_eval, np.random.default_rng(seed))
+  train, held_out = split_records(records, num_train, num_eval, seed)
   return PreferenceTask(
       name=f"answer style ({chosen_template!r} over {rejected_template!r})",
       train=train,
@@ -150,4 +109,4 @@ def answer_style_task(
   )
 
 
-__all__ = ["PreferenceTask", "addition_preference_task", "answer_style_task"]
+__all__ = ["PreferenceTask", "answer_style_task"]

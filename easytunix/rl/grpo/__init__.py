@@ -18,11 +18,13 @@ from easytunix.rl.grpo.grpo_learner import (
     grpo_objective,
     prompt_batches,
 )
+from easytunix.rl.grpo.recipe import GrpoRecipe
 
 __all__ = [
     "LOSS_ALGOS",
     "GrpoConfig",
     "GrpoLearner",
+    "GrpoRecipe",
     "RepeatIterable",
     "RewardFn",
     "TrainExample",

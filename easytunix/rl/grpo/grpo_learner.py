@@ -581,7 +581,7 @@ class GrpoLearner:
     Runs the current actor weights; logs ``eval/reward`` and ``eval/rewards/<fn>``.
     """
     cluster = self.rl_cluster
-    self.trainer._sync_model()
+    self.trainer.sync_model()
     sampler = self._eval_sampler()
     totals, per_fn, count = 0.0, np.zeros(len(self.reward_fns)), 0
     for batch in eval_ds:
@@ -592,7 +592,7 @@ class GrpoLearner:
       out = sampler(
           ids, config.max_tokens_to_generate, temperature=temperature or None,
           top_p=config.top_p if temperature else None, top_k=config.top_k if temperature else None,
-          eos_tokens=cluster._eos(), seed=int(self._eval_rng.integers(0, 2**31 - 1)),
+          eos_tokens=cluster.eos_tokens(), seed=int(self._eval_rng.integers(0, 2**31 - 1)),
       )
       rewards = compute_rewards(self.reward_fns, prompts, out.text, columns)
       totals += float((rewards @ self.reward_weights).sum())
@@ -614,7 +614,7 @@ class GrpoLearner:
     cluster = self.rl_cluster
     if cluster.rollout_is_actor:
       if cluster.uses_vllm:
-        cluster._push_to_engine()  # the engine may hold weights from before the last update
+        cluster.push_to_engine()  # the engine may hold weights from before the last update
       return cluster.rollout_sampler()
     if self._actor_sampler is None:
       from easytunix.generate.sampler import CacheConfig, Sampler
