@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?= -q -n 2 --dist loadfile
+PYTEST_ARGS ?= -q -n 2 --dist loadscope --no-loadscope-reorder
 QUICKSTART_ARGS ?=
 
 .PHONY: quickstart test venv venv-test clean-venv
