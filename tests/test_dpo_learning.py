@@ -36,10 +36,10 @@ def test_lora_dpo_teaches_the_preferred_style_on_held_out_prompts():
   trainer = DpoTrainer(model, None, optax.adamw(5e-4, weight_decay=0.0), config)
   trainer.train(train, eval_ds=held_out)
 
-  train_accuracy = trainer.metrics_logger.values("rewards/accuracy")
+  train_accuracy = trainer.metrics_logger.values("rewards/accuracies")
   assert sum(train_accuracy[-10:]) / 10 >= 0.9, train_accuracy
-  assert trainer.metrics_logger.latest("rewards/accuracy", mode="eval") >= 0.9
-  assert trainer.metrics_logger.latest("rewards/margin", mode="eval") > 0.3
+  assert trainer.metrics_logger.latest("rewards/accuracies", mode="eval") >= 0.9
+  assert trainer.metrics_logger.latest("rewards/margins", mode="eval") > 0.3
   # The preferred answers became more likely, not only the dispreferred ones less likely.
   assert trainer.metrics_logger.latest("rewards/chosen", mode="eval") > 0
   after = greedy_answers()

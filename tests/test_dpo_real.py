@@ -44,8 +44,8 @@ def test_lora_dpo_of_smollm2_grows_the_reward_margin():
   trainer = DpoTrainer(model, None, optax.adamw(1e-3), config)
   assert trainer.ref_model is None and trainer.reference == "lora_disabled"
   trainer.train(train_ds, eval_ds=eval_ds)
-  margins = trainer.metrics_logger.values("rewards/margin")
-  held_out_margin = trainer.metrics_logger.latest("rewards/margin", mode="eval")
+  margins = trainer.metrics_logger.values("rewards/margins")
+  held_out_margin = trainer.metrics_logger.latest("rewards/margins", mode="eval")
   print(f"train margins {np.round(margins, 3)}; held-out margin {held_out_margin:.3f}")
   # The first step is measured before any update: adapters at zero, policy == reference, up to float32
   # round-off between two compiled programs in sums of <= 64 token log-probs (~1e-5 after beta = 0.1);

@@ -25,7 +25,8 @@ def test_three_line_finetune_loss_falls():
   history = m.fit(TEXTS * 4, epochs=1, batch_size=8, callbacks=[cb], verbose=0)
   assert len(seen) == 8 and all(math.isfinite(x) for x in seen)
   assert np.mean(seen[-3:]) < np.mean(seen[:3]) - 0.3, seen
-  assert list(history.history) == ["loss"] and len(history.history["loss"]) == 1
+  assert {"loss", "grad_norm", "learning_rate", "tokens_per_second"} <= set(history.history)
+  assert all(len(values) == 1 for values in history.history.values()) and len(history.steps) == 8
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +189,10 @@ def test_compile_distill_behind_the_facade():
   seen, spy = _losses()
   student.compile(trainer="distill", teacher=teacher, distill=LogitStrategy(temperature=1.0, alpha=0.0),
                   learning_rate=1e-2)
-  student.fit(TEXTS, epochs=3, batch_size=8, callbacks=[spy], verbose=0)
+  history = student.fit(TEXTS, epochs=3, batch_size=8, callbacks=[spy], verbose=0)
   assert np.mean(seen[-2:]) < np.mean(seen[:2]), seen
+  assert {"loss", "task_loss", "distill_loss"} <= set(history.history)
+  assert len(history.history["distill_loss"]) == 3 and len(history.steps) == 6
   other = Gemma3.from_preset("gemma3_tiny")
   with pytest.raises(ValueError, match="teacher's tokenizer"):
     student.compile(trainer="distill", teacher=other, distill=LogitStrategy())
@@ -202,9 +205,12 @@ def test_compile_dpo_behind_the_facade():
   m = Qwen3.from_preset("qwen3_tiny", seed=9)
   m.compile(trainer="dpo", beta=0.5, lora_rank=4, learning_rate=1e-2, max_length=16)
   accuracy = []
-  cb = callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: accuracy.append(logs["rewards/accuracy"]))
-  m.fit(records, epochs=2, batch_size=16, callbacks=[cb], verbose=0)
+  cb = callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: accuracy.append(logs["rewards/accuracies"]))
+  history = m.fit(records, epochs=2, batch_size=16, callbacks=[cb], verbose=0)
   assert len(accuracy) == 8 and np.mean(accuracy[-2:]) > np.mean(accuracy[:2])
+  # TRL's metric names, as epoch means in History.
+  assert {"rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"} <= set(history.history)
+  assert history.history["rewards/accuracies"][-1] >= 0.85, history.history
   with pytest.raises(ValueError, match=r"expects keys 'prompt'\+'chosen'\+'rejected'; found keys \['chosen', 'prompt'\]"):
     m.fit([{"prompt": "1+1=", "chosen": "2"}], verbose=0)
 
@@ -253,7 +259,7 @@ def test_a_registered_recipe_drives_compile_fit_and_cleanup(monkeypatch):
 
   recipe = recipe_lib.register_recipe(CountingSft())
   m = Qwen3.from_preset("qwen3_tiny", num_layers=1)
-  with pytest.raises(ValueError, match=r"unknown option\(s\) \['beta'\].*Options for 'sft_counting': \['tag', 'use_chat_template'\]"):
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['beta'\].*options for 'sft_counting': \['tag', 'use_chat_template'\]"):
     m.compile(trainer="sft_counting", beta=0.1)
   with pytest.raises(ValueError, match=r"Unknown trainer 'nope'.*'sft_counting'"):
     m.compile(trainer="nope")

@@ -19,12 +19,14 @@ flax's ``nnx.MultiHeadAttention``) are recorded by a wrapper around their class'
 ``__call__`` for the duration of the capture, as ``nnx.capture(method_outputs=...)``
 does, narrowed to the requested classes. The wrapper records only what the
 context-local request asks for, so other instances and threads run unchanged;
-``nnx.MultiHeadAttention`` is called with ``sow_weights=True``.
+``nnx.MultiHeadAttention`` (or any module whose ``__call__`` takes ``sow_weights``) is
+called with ``sow_weights=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -68,14 +70,37 @@ def declares(module: nnx.Module, name: str) -> bool:
 
 
 def can_report_attention(module: nnx.Module) -> bool:
-  """Whether attention weights can be captured from ``module``: it declares them, or is an ``nnx.MultiHeadAttention``."""
-  return declares(module, ATTENTION_WEIGHTS) or isinstance(module, nnx.MultiHeadAttention)
+  """Whether attention weights can be captured from ``module``: it declares them, or takes ``sow_weights``
+  (``nnx.MultiHeadAttention`` or any module following flax's convention)."""
+  return declares(module, ATTENTION_WEIGHTS) or takes_sow_weights(module)
 
 
 # ----------------------------------------------------------------------------- modules that declare nothing
 
 _WRAP_LOCK = threading.Lock()
 _WRAPPED: dict[type, list[Any]] = {}  # class -> [its own __call__ (None: inherited), captures using the wrapper]
+
+
+def _own_call(cls: type) -> Callable[..., Any] | None:
+  """The ``__call__`` that ``cls`` runs, looking through capture wrappers."""
+  for klass in cls.__mro__:
+    fn = klass.__dict__.get("__call__")
+    entry = _WRAPPED.get(klass)
+    if entry is not None:
+      fn = entry[0]
+    if fn is not None:
+      return fn
+  return None
+
+
+def takes_sow_weights(module: nnx.Module) -> bool:
+  """Whether ``module.__call__`` takes flax's ``sow_weights`` flag (``nnx.MultiHeadAttention`` and lookalikes)."""
+  if isinstance(module, nnx.MultiHeadAttention):
+    return True
+  try:
+    return "sow_weights" in inspect.signature(_own_call(type(module))).parameters
+  except (TypeError, ValueError):
+    return False
 
 
 def _recording_call(cls: type, own: Callable[..., Any] | None) -> Callable[..., Any]:
@@ -85,7 +110,7 @@ def _recording_call(cls: type, own: Callable[..., Any] | None) -> Callable[..., 
     call = own.__get__(self, cls) if own is not None else super(cls, self).__call__
     if type(self) is not cls:  # reached through super() from a subclass: the subclass's wrapper records
       return call(*args, **kwargs)
-    if isinstance(self, nnx.MultiHeadAttention) and should_sow(self, ATTENTION_WEIGHTS):
+    if should_sow(self, ATTENTION_WEIGHTS) and takes_sow_weights(self):
       kwargs["sow_weights"] = True
     out = call(*args, **kwargs)
     if should_sow(self, LAYER_OUTPUT):
@@ -199,7 +224,7 @@ def capture_intermediates(
             f"{type(m).__name__} at {'.'.join(map(str, path))} cannot report its attention weights: attention "
             "distillation needs attention layers that declare sown_intermediates = ('attention_weights',) and sow "
             "their softmax weights when should_sow(self, 'attention_weights') (like easytunix.layers.attention."
-            "Attention), or an nnx.MultiHeadAttention."
+            "Attention), or an nnx.MultiHeadAttention (any module whose __call__ takes sow_weights)."
         )
   if not feature_entries and not attention_entries:
     return fn(model), [], []
@@ -241,4 +266,5 @@ __all__ = [
     "find_modules",
     "first_array",
     "layer_names",
+    "takes_sow_weights",
 ]

@@ -71,7 +71,10 @@ class DistillationTrainer(PeftTrainer):
     self.strategy = strategy
     self.teacher_model = teacher_model
     self._post_processed = False
-    strategy.pre_process_models(student_model, teacher_model)
+    processed = strategy.pre_process_models(student_model, teacher_model)
+    if processed is not None:  # Tunix's strategies return (student, teacher); older ones change them in place
+      student_model, teacher_model = processed
+      self.teacher_model = teacher_model
     try:
       super().__init__(student_model, optimizer, training_config)
     except BaseException:

@@ -41,13 +41,16 @@ class SamplerOutput:
     logits: with ``return_logits``, the raw logits [n_generated, vocab] each
       generated token was chosen from; None otherwise.
     padded_prompt_tokens: the left-padded prompt ids [batch, prompt bucket].
+
+  With ``pad_output=True`` ``tokens`` (and ``logits``) are one array, each row
+  right-padded. The fields are Tunix's, in its order.
   """
 
   text: list[str]
-  tokens: list[np.ndarray]
-  logprobs: list[np.ndarray] | None
-  logits: list[np.ndarray] | None
+  logits: list[np.ndarray] | np.ndarray | None
+  tokens: list[np.ndarray] | np.ndarray
   padded_prompt_tokens: np.ndarray
+  logprobs: list[np.ndarray] | None = None
 
 
 class BaseSampler(abc.ABC):
@@ -137,6 +140,63 @@ class BaseSampler(abc.ABC):
       tokens[row, width - len(x) :] = x
       valid[row, width - len(x) :] = True
     return tokens, valid
+
+  # ------------------------------------------------------------------ Tunix's keywords
+
+  @staticmethod
+  def _tunix_arguments(prompts: Any, steps: Any, input_strings: Any, total_generation_steps: Any) -> tuple[Any, Any]:
+    """(prompts, max_generation_steps) from either easytunix's or Tunix's keywords (one of each pair)."""
+    if input_strings is not None:
+      if prompts is not None:
+        raise TypeError("Pass the prompts once: as prompts or as input_strings, not both.")
+      prompts = [input_strings] if isinstance(input_strings, str) else input_strings
+    if total_generation_steps is not None:
+      if steps is not None:
+        raise TypeError("Pass the step budget once: max_generation_steps or total_generation_steps, not both.")
+      steps = total_generation_steps
+    if prompts is None:
+      raise TypeError("No prompts: pass a list of prompts (strings or token-id lists) first, or input_strings=.")
+    if steps is None:
+      raise TypeError("No step budget: pass max_generation_steps (or total_generation_steps).")
+    return prompts, steps
+
+  def _forbidden_ids(self, forbidden_tokens: Any) -> list[int] | None:
+    """``forbidden_tokens`` as ids: ids stay, token strings (Tunix) must each be one token of the tokenizer."""
+    if not forbidden_tokens:
+      return None
+    out = []
+    for token in forbidden_tokens:
+      if not isinstance(token, str):
+        out.append(token)
+        continue
+      if self.tokenizer is None:
+        raise ValueError(f"forbidden token {token!r} is a string but this sampler has no tokenizer; pass ids.")
+      tid = self.tokenizer.token_to_id(token) if callable(getattr(self.tokenizer, "token_to_id", None)) else None
+      if tid is None:
+        try:
+          ids = self.tokenizer.encode(token, add_special_tokens=False)
+        except TypeError:
+          ids = self.tokenizer.encode(token)
+        if len(ids) != 1:
+          raise ValueError(f"forbidden token {token!r} is {len(ids)} tokens {list(ids)}; each must be one token.")
+        tid = ids[0]
+      out.append(int(tid))
+    return out
+
+  def _pad_output(self, out: SamplerOutput, width: int) -> SamplerOutput:
+    """``out`` with ``tokens`` [n, width] right-padded with the pad id (``logits`` [n, width, V] with zeros)."""
+    pad = self._pad_id()
+    tokens = np.full((len(out.tokens), width), pad, np.int32)
+    for row, ids in enumerate(out.tokens):
+      tokens[row, : min(len(ids), width)] = ids[:width]
+    logits = out.logits
+    if logits is not None and len(logits):
+      vocab = np.asarray(logits[0]).shape[-1]
+      padded = np.zeros((len(logits), width, vocab), np.asarray(logits[0]).dtype)
+      for row, rows in enumerate(logits):
+        padded[row, : min(len(rows), width)] = np.asarray(rows)[:width]
+      logits = padded
+    return dataclasses.replace(out, tokens=tokens, logits=logits)
 
   # ------------------------------------------------------------------ EOS, pad and options
 

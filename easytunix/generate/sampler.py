@@ -250,8 +250,11 @@ class Sampler(BaseSampler):
   def transformer_state(self, state: Any) -> None:
     self.update_params(state)
 
-  def update_params(self, new: Any) -> None:
+  def update_params(self, new: Any, filter_types: tuple[Any, ...] | None = None) -> None:
     """Uses new weights from now on, without recompiling.
+
+    ``filter_types`` (Tunix): only the variables of these types (e.g.
+    ``(nnx.LoRAParam,)``) of ``new`` are taken.
 
     Args:
       new: a model of the same architecture (its variables are used from now
@@ -263,6 +266,11 @@ class Sampler(BaseSampler):
       ValueError: if a shape or dtype differs from the current weights (that
         would be another model and would recompile; build a new Sampler).
     """
+    if filter_types:
+      if isinstance(new, nnx.Module):
+        new = nnx.state(new, *filter_types)
+      elif isinstance(new, nnx.State):
+        new = new.filter(*filter_types)
     if isinstance(new, nnx.Module):
       graphdef, state = nnx.split(new)
       if graphdef != self._graphdef:
@@ -273,6 +281,7 @@ class Sampler(BaseSampler):
       self._check_signature(state)
       self.transformer, self._state = new, state
       return
+    self._check_incoming(new)
     before = jax.tree.map(lambda x: x, self._state)  # a snapshot to roll back to
     nnx.update(self.transformer, new)
     try:
@@ -280,6 +289,32 @@ class Sampler(BaseSampler):
     except ValueError:
       nnx.update(self.transformer, before)
       raise
+
+  def _check_incoming(self, new: Any) -> None:
+    """A ValueError naming the first variable of ``new`` that the model lacks or holds in another shape/dtype."""
+    if isinstance(new, nnx.State):
+      new = nnx.to_pure_dict(new)
+    if not isinstance(new, dict):
+      raise TypeError(
+          f"transformer_state / update_params takes a model, an nnx.State or a nested dict, got {type(new).__name__}."
+      )
+    have = _flat_leaves(nnx.to_pure_dict(self._state))
+    got = _flat_leaves(new)
+    unknown = [path for path in got if path not in have]
+    if unknown:
+      names = [".".join(p) for p in unknown[:3]]
+      raise ValueError(
+          f"transformer_state mismatch: {len(unknown)} variable(s) are not in the sampler's model, e.g. {names} "
+          "(LoRA weights for a model without LoRA, or another architecture?). Build a new Sampler for that model."
+      )
+    for path, value in got.items():
+      want = have[path]
+      if np.shape(value) != np.shape(want) or jnp.result_type(value) != jnp.result_type(want):
+        raise ValueError(
+            f"transformer_state mismatch: {'.'.join(path)} is {jnp.result_type(value)}{list(np.shape(value))} but "
+            f"the sampler's model has {jnp.result_type(want)}{list(np.shape(want))}; pass weights of the same "
+            "shapes and dtypes, or build a new Sampler."
+        )
 
   def _check_signature(self, state: Any) -> None:
     got = self._abstract(state)
@@ -319,8 +354,14 @@ class Sampler(BaseSampler):
 
   # ------------------------------------------------------------------ buckets
 
-  def _plan(self, lengths: list[int], max_generation_steps: int) -> tuple[int, int, int]:
-    """(batch bucket, prompt bucket, steps bucket) for these prompts; validates the sizes."""
+  def _plan(
+      self, lengths: list[int], max_generation_steps: int, max_prompt_length: int | None = None
+  ) -> tuple[int, int, int]:
+    """(batch bucket, prompt bucket, steps bucket) for these prompts; validates the sizes.
+
+    ``max_prompt_length`` (when the prompts fit in it) is the prompt width, so
+    calls with other prompt lengths reuse one compiled program (as Tunix).
+    """
     cfg = self.cache_config
     batch = len(lengths)
     if cfg.max_batch_size is not None and batch > cfg.max_batch_size:
@@ -339,6 +380,8 @@ class Sampler(BaseSampler):
     if cfg.max_batch_size is not None:
       batch_bucket = min(batch_bucket, cfg.max_batch_size)
     prompt_bucket = fine_bucket(longest, MIN_PROMPT_BUCKET)
+    if max_prompt_length is not None and longest <= max_prompt_length <= cfg.cache_size - max_generation_steps:
+      prompt_bucket = int(max_prompt_length)
     # The step budget only sizes buffers (the loop bound is a runtime value): powers of two suffice.
     steps_bucket = bucket(max_generation_steps, MIN_STEPS_BUCKET)
     if prompt_bucket + steps_bucket > cfg.cache_size:
@@ -434,12 +477,16 @@ class Sampler(BaseSampler):
 
   # ------------------------------------------------------------------ public API
 
-  def init_sample_state(self, prompts: Any, max_generation_steps: int) -> SampleState:
+  def init_sample_state(
+      self, prompts: Any, max_generation_steps: int, max_prompt_length: int | None = None
+  ) -> SampleState:
     """Tokenizes, left-pads and prefills the prompts: the state decoding starts from."""
     steps = check_steps(max_generation_steps)
+    if max_prompt_length is not None and (not isinstance(max_prompt_length, (int, np.integer)) or max_prompt_length < 1):
+      raise ValueError(f"max_prompt_length must be a positive int or None, got {max_prompt_length!r}.")
     ids = self._prompt_ids(prompts)
     lengths = [len(x) for x in ids]
-    batch_bucket, prompt_bucket, steps_bucket = self._plan(lengths, steps)
+    batch_bucket, prompt_bucket, steps_bucket = self._plan(lengths, steps, max_prompt_length)
     tokens, valid = self._left_pad(ids, prompt_bucket, rows=batch_bucket)
     cache, logits, key_valid, positions = self._prefill_jit(
         self._params(), jnp.asarray(tokens), jnp.asarray(valid), cache_len=prompt_bucket + steps_bucket
@@ -500,39 +547,53 @@ class Sampler(BaseSampler):
 
   def __call__(
       self,
-      prompts: Sequence[str] | Sequence[Sequence[int]],
-      max_generation_steps: int,
-      *,
+      prompts: Sequence[str] | Sequence[Sequence[int]] | None = None,
+      max_generation_steps: int | None = None,
+      max_prompt_length: int | None = None,
+      echo: bool = False,
+      return_logits: bool = False,
+      eos_tokens: Sequence[int] | None = None,
+      forbidden_tokens: Sequence[int | str] | None = None,
       temperature: float | None = None,
       top_p: float | None = None,
       top_k: int | None = None,
       beam_size: int | None = None,
       seed: int | jax.Array | None = None,
-      eos_tokens: Sequence[int] | None = None,
-      echo: bool = False,
+      pad_output: bool = False,
+      *,
+      input_strings: str | Sequence[str] | None = None,
+      total_generation_steps: int | None = None,
       return_logprobs: bool = False,
-      return_logits: bool = False,
-      forbidden_tokens: Sequence[int] | None = None,
       early_stopping: bool | str = False,
       length_penalty: float = 1.0,
   ) -> SamplerOutput:
     """Generates a continuation of each prompt.
 
+    Positional arguments follow Tunix's ``Sampler.__call__`` order, and its
+    keywords work: ``input_strings`` (a list, or one string) for ``prompts``
+    and ``total_generation_steps`` for ``max_generation_steps``.
+
     Args:
       prompts: strings (needs a tokenizer) or lists of token ids.
       max_generation_steps: the most tokens to generate per prompt.
+      max_prompt_length: pad prompts to this width when they fit (a fixed
+        shape: other prompt lengths reuse the compiled programs).
+      echo: put the prompt in front of ``text`` and ``tokens``.
+      return_logits: fill ``SamplerOutput.logits`` (vocabulary-sized per token).
+      eos_tokens: ids that end a row (default: the tokenizer's ``eos_ids``;
+        ``[]`` never stops early).
+      forbidden_tokens: ids (or token strings, each one token) never generated.
       temperature: 0 or None for greedy decoding; > 0 samples.
       top_p: nucleus sampling mass in (0, 1] (sampling only).
       top_k: sample among the k most likely tokens (sampling only).
       beam_size: beam search with this many beams (greedy only); returns the best beam.
       seed: an int or PRNG key for sampling; None draws a fresh key from the
         sampler's own stream (different samples on every call).
-      eos_tokens: ids that end a row (default: the tokenizer's ``eos_ids``;
-        ``[]`` never stops early).
-      echo: put the prompt in front of ``text`` and ``tokens``.
+      pad_output: ``tokens`` (and ``logits``) as one array right-padded with the
+        pad id (zeros) to ``max_generation_steps`` (plus the prompt width with ``echo``).
+      input_strings: Tunix's name for ``prompts``.
+      total_generation_steps: Tunix's name for ``max_generation_steps``.
       return_logprobs: fill ``SamplerOutput.logprobs``.
-      return_logits: fill ``SamplerOutput.logits`` (vocabulary-sized per token).
-      forbidden_tokens: ids that are never generated.
       early_stopping: beam search only, as in transformers: False (default:
         stop when no running beam can beat the finished ones, judged at the
         current length), True (stop once ``beam_size`` hypotheses finished) or
@@ -543,6 +604,10 @@ class Sampler(BaseSampler):
     Returns:
       A SamplerOutput.
     """
+    prompts, max_generation_steps = self._tunix_arguments(
+        prompts, max_generation_steps, input_strings, total_generation_steps
+    )
+    forbidden_tokens = self._forbidden_ids(forbidden_tokens)
     mode, knobs, eos = self._setup(
         temperature, top_p, top_k, beam_size, eos_tokens, forbidden_tokens, return_logprobs, return_logits
     )
@@ -552,7 +617,7 @@ class Sampler(BaseSampler):
         raise ValueError("return_logits is not supported with beam search; use return_logprobs.")
       if forbidden_tokens:
         raise ValueError("forbidden_tokens is not supported with beam search.")
-    state = self.init_sample_state(prompts, max_generation_steps)
+    state = self.init_sample_state(prompts, max_generation_steps, max_prompt_length)
     steps = int(max_generation_steps)
     real_rows = np.arange(state.logits.shape[0]) < state.num_prompts
     if beam_size is not None:
@@ -569,7 +634,11 @@ class Sampler(BaseSampler):
           self._next_rng(seed), jnp.int32(steps), knobs, mode=mode, out_len=state.steps_bucket,
       )
     state.cache = None  # donated
-    return self._finish(state, tokens, logprobs, logits, int(ran), eos, echo)
+    out = self._finish(state, tokens, logprobs, logits, int(ran), eos, echo)
+    if pad_output:
+      width = steps + (state.padded_prompt_tokens.shape[1] if echo else 0)
+      out = self._pad_output(out, width)
+    return out
 
   def _finish(self, state: SampleState, tokens, logprobs, logits, ran: int, eos, echo: bool) -> SamplerOutput:
     """The SamplerOutput of the first ``ran`` steps of each real row."""
@@ -627,6 +696,16 @@ class Sampler(BaseSampler):
         yield np.asarray(token)
 
     return stream_chunks(prompts, step_tokens(), self._decode_text, eos, steps, echo)
+
+
+def _flat_leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """``{(key, ...): leaf}`` of a nested dict (keys as strings)."""
+  if isinstance(tree, dict):
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+      out.update(_flat_leaves(value, prefix + (str(key),)))
+    return out
+  return {prefix: tree}
 
 
 def _last_token_logits(model, tokens, positions, cache, mask):

@@ -225,6 +225,7 @@ class TokenizerAdapter:
         self._extra_eos_ids = [int(i) for i in extra_eos_ids]
         self._clean_up = bool(clean_up_tokenization_spaces)
         additional = [t for t in additional_special_tokens if _token_content(t)]
+        self._sp_fixed: dict[str, int | None] | None = None
 
         if _is_hf_tokenizer(tokenizer):
             self.kind = "tokenizers"
@@ -416,11 +417,29 @@ class TokenizerAdapter:
         unk_token: Any,
         additional: list[Any],
     ) -> None:
-        """Sets up the SentencePiece backend."""
+        """Sets up the SentencePiece backend.
+
+        A subclass that overrides ``EncodeAsIds`` / ``DecodeIds`` is encoded and
+        decoded through them. One with no model loaded (a test vocabulary such
+        as Tunix's ``MockVocab``) also gives its special ids through its own
+        ``bos_id()`` / ``eos_id()`` / ``pad_id()`` / ``unk_id()`` and its size
+        through ``GetPieceSize()``; it has no token strings.
+        """
         self._sp = processor
         self._hf = None
-        self._vocab_size = processor.get_piece_size()
         self._model_is_bpe = False
+        encode_override = _overrides(processor, "EncodeAsIds")
+        self._sp_encode_fn = processor.EncodeAsIds if encode_override else processor.encode
+        self._sp_decode_fn = processor.DecodeIds if _overrides(processor, "DecodeIds") else processor.decode
+        if not _sp_model_loaded(processor):
+            if not encode_override:
+                raise ValueError(
+                    "The SentencePieceProcessor has no model loaded: load one (SentencePieceProcessor(model_file=...)) "
+                    "or, for a vocabulary of your own, override EncodeAsIds and DecodeIds."
+                )
+            self._init_sp_without_model(processor, bos_token, eos_token, pad_token, unk_token)
+            return
+        self._vocab_size = processor.get_piece_size()
 
         def piece_or_default(value: Any, default_id: int) -> str | None:
             content = _token_content(value)
@@ -446,6 +465,26 @@ class TokenizerAdapter:
         # so split them out before encoding (transformers matches them too).
         strings = sorted({processor.id_to_piece(i) for i in special}, key=len, reverse=True)
         self._special_pattern = re.compile("(" + "|".join(re.escape(s) for s in strings) + ")") if strings else None
+
+    def _init_sp_without_model(
+        self, processor: Any, bos_token: Any, eos_token: Any, pad_token: Any, unk_token: Any
+    ) -> None:
+        """Special ids and size from the methods of a SentencePiece subclass that has no model."""
+
+        def method_id(name: str) -> int | None:
+            if not _overrides(processor, name):
+                return None  # the base method would read the missing model
+            value = getattr(processor, name)()
+            return None if value is None or int(value) < 0 else int(value)
+
+        self._sp_fixed = {name: method_id(f"{name}_id") for name in ("bos", "eos", "pad", "unk")}
+        self._vocab_size = int(processor.GetPieceSize())
+        self.bos_token = _token_content(bos_token)
+        self.eos_token = _token_content(eos_token)
+        self.pad_token = _token_content(pad_token)
+        self.unk_token = _token_content(unk_token)
+        self._special_ids = frozenset(i for i in self._sp_fixed.values() if i is not None)
+        self._special_pattern = None
 
     # ----------------------------------------------------------------- encoding
 
@@ -486,7 +525,7 @@ class TokenizerAdapter:
         sp = self._sp
         ids: list[int] = []
         if self._special_pattern is None:
-            ids = list(sp.encode(text))
+            ids = [int(i) for i in self._sp_encode_fn(text)]
         else:
             for i, part in enumerate(self._special_pattern.split(text)):
                 if not part:
@@ -494,7 +533,7 @@ class TokenizerAdapter:
                 if i % 2 == 1:
                     ids.append(sp.piece_to_id(part))
                 else:
-                    ids.extend(sp.encode(part))
+                    ids.extend(int(t) for t in self._sp_encode_fn(part))
         if add_special_tokens:
             if self.add_bos and self.bos_id is not None:
                 ids.insert(0, self.bos_id)
@@ -542,13 +581,13 @@ class TokenizerAdapter:
                 if skip_special_tokens:
                     continue
                 if run:
-                    pieces.append(self._sp.decode(run))
+                    pieces.append(self._sp_decode_fn(run))
                     run = []
-                pieces.append(self._sp.id_to_piece(i))
+                pieces.append(self._sp_decode_fn([i]) if self._sp_fixed is not None else self._sp.id_to_piece(i))
             else:
                 run.append(i)
         if run:
-            pieces.append(self._sp.decode(run))
+            pieces.append(self._sp_decode_fn(run))
         return "".join(pieces)
 
     # ------------------------------------------------------------------- tokens
@@ -557,6 +596,8 @@ class TokenizerAdapter:
         """Returns the id of a token string, or None if it is not in the vocabulary."""
         if self._hf is not None:
             return self._hf.token_to_id(token)
+        if self._sp_fixed is not None:
+            return None  # no model: no token strings
         tid = self._sp.piece_to_id(token)
         if 0 <= tid < self._vocab_size and self._sp.id_to_piece(tid) == token:
             return tid
@@ -567,6 +608,8 @@ class TokenizerAdapter:
         token_id = int(token_id)
         if self._hf is not None:
             return self._hf.id_to_token(token_id)
+        if self._sp_fixed is not None:
+            return None
         if 0 <= token_id < self._vocab_size:
             return self._sp.id_to_piece(token_id)
         return None
@@ -577,11 +620,15 @@ class TokenizerAdapter:
     @property
     def bos_id(self) -> int | None:
         """Id of the BOS token, or None if there is none."""
+        if self._sp_fixed is not None:
+            return self._sp_fixed["bos"]
         return self._id_of(self.bos_token)
 
     @property
     def eos_id(self) -> int | None:
         """Id of the EOS token, or None if there is none."""
+        if self._sp_fixed is not None:
+            return self._sp_fixed["eos"]
         return self._id_of(self.eos_token)
 
     @property
@@ -603,12 +650,14 @@ class TokenizerAdapter:
     @property
     def pad_id(self) -> int | None:
         """Id of the padding token; ``eos_id`` when no padding token is defined."""
-        pid = self._id_of(self.pad_token)
+        pid = self._sp_fixed["pad"] if self._sp_fixed is not None else self._id_of(self.pad_token)
         return self.eos_id if pid is None else pid
 
     @property
     def unk_id(self) -> int | None:
         """Id of the unknown token, or None if there is none."""
+        if self._sp_fixed is not None:
+            return self._sp_fixed["unk"]
         return self._id_of(self.unk_token)
 
     @property
@@ -714,7 +763,7 @@ class TokenizerAdapter:
         return (
             f"TokenizerAdapter(kind={self.kind!r}, vocab_size={self.vocab_size}, "
             f"bos={show(self.bos_token, self.bos_id)}, eos={show(self.eos_token, self.eos_id)}, "
-            f"pad={show(self.pad_token, self._id_of(self.pad_token))}, eos_ids={list(self.eos_ids)}"
+            f"pad={show(self.pad_token, self.pad_id)}, eos_ids={list(self.eos_ids)}"
             f"{extra}, chat_template={'yes' if self.chat_template else 'no'}{where})"
         )
 
@@ -735,6 +784,23 @@ def _is_hf_tokenizer(obj: Any) -> bool:
     except ImportError:  # pragma: no cover - tokenizers is a dependency
         return False
     return isinstance(obj, Tokenizer)
+
+
+def _overrides(processor: Any, name: str) -> bool:
+    """Whether ``processor``'s class replaces SentencePieceProcessor's method ``name``."""
+    import sentencepiece as spm
+
+    return getattr(type(processor), name, None) is not getattr(spm.SentencePieceProcessor, name, None)
+
+
+def _sp_model_loaded(processor: Any) -> bool:
+    """Whether a SentencePieceProcessor has a model (an unloaded one serializes to nothing)."""
+    import sentencepiece as spm
+
+    try:
+        return bool(spm.SentencePieceProcessor.serialized_model_proto(processor))
+    except Exception:  # noqa: BLE001 - a subclass that never called the base __init__
+        return False
 
 
 def _is_sp_processor(obj: Any) -> bool:

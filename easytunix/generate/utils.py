@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+
+from easytunix.layers.cache import make_causal_mask, positions_from_mask
 
 __all__ = [
     "MIN_PROMPT_BUCKET",
@@ -72,3 +75,130 @@ def check_steps(steps: Any) -> int:
   if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"max_generation_steps must be a positive int, got {steps!r}.")
   return int(steps)
+
+
+# ----------------------------------------------------------------------------- Tunix's ``generate.utils`` helpers
+#
+# Tunix scripts import these from ``tunix.generate.utils``; the sampler itself
+# uses the bucket helpers above.
+
+
+def next_power_of_2(x: int) -> int:
+  """The smallest power of two >= ``x`` (1 for 0)."""
+  return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def pad_to_length(
+    x: np.ndarray, target_length: int, pad_value: int = 0, left: bool = False, axis: int = 0
+) -> np.ndarray:
+  """``x`` padded with ``pad_value`` to ``target_length`` along ``axis`` (on the left with ``left``).
+
+  An array already that long or longer is returned as it is.
+  """
+  x = np.asarray(x)
+  length = x.shape[axis]
+  if length >= target_length:
+    return x
+  shape = list(x.shape)
+  shape[axis] = target_length - length
+  padding = np.full(shape, pad_value, dtype=x.dtype)
+  return np.concatenate([padding, x] if left else [x, padding], axis=axis)
+
+
+def find_first_non_pad_idx(ids: Any, pad_id: int) -> Any:
+  """The index of the first id that is not ``pad_id`` in a 1-D array (0 when all are padding)."""
+  ids = jnp.asarray(ids)
+  if ids.ndim != 1:
+    raise ValueError(f"ids must be a 1-D array, got shape {ids.shape}.")
+  mask = ids != pad_id
+  return jnp.where(jnp.any(mask), jnp.argmax(mask), 0)
+
+
+def find_last_non_pad_idx(ids: Any, pad_id: int) -> Any:
+  """The index of the last id that is not ``pad_id`` in a 1-D array (its length when all are padding)."""
+  ids = jnp.asarray(ids)
+  if ids.ndim != 1:
+    raise ValueError(f"ids must be a 1-D array, got shape {ids.shape}.")
+  mask = ids != pad_id
+  return jnp.where(jnp.any(mask), ids.shape[0] - 1 - jnp.argmax(mask[::-1]), ids.shape[0])
+
+
+def find_first_eos_idx(ids: Any, eos_id: Any) -> Any:
+  """The index of the first id in ``eos_id`` (an id or ids) in a 1-D array (its length when there is none)."""
+  ids = jnp.asarray(ids)
+  if ids.ndim != 1:
+    raise ValueError(f"ids must be a 1-D array, got shape {ids.shape}.")
+  mask = jnp.isin(ids, jnp.atleast_1d(jnp.asarray(eos_id)))
+  return jnp.where(jnp.any(mask), jnp.argmax(mask), ids.shape[0])
+
+
+def build_positions_from_mask(input_mask: Any) -> Any:
+  """Positions counting only real (``input_mask``) tokens from 0; padding before them gets 0."""
+  return positions_from_mask(input_mask)
+
+
+def make_causal_attn_mask(input_mask: Any, cache_size: int) -> Any:
+  """The prefill mask [B, T, cache_size]: token i sees real tokens j <= i; cache slots past T are masked.
+
+  Raises:
+    ValueError: ``cache_size`` is smaller than the prompt length T.
+  """
+  length = input_mask.shape[-1]
+  if cache_size < length:
+    raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {length}.")
+  mask = make_causal_mask(input_mask)
+  return jnp.pad(mask, ((0, 0), (0, 0), (0, cache_size - length)))
+
+
+def compute_attention_masks(time_step: Any, seq_len: int, input_mask: Any) -> Any:
+  """The decode-step mask [B, 1, seq_len]: cache slots <= ``time_step`` that are not padding.
+
+  Args:
+    time_step: the slot of the token being decoded.
+    seq_len: the KV cache length.
+    input_mask: [B, L] True where a slot holds PADDING (Tunix's convention here).
+  """
+  input_mask = jnp.asarray(input_mask, jnp.bool_)
+  batch, width = input_mask.shape
+  future = jnp.arange(seq_len)[None, :] > time_step
+  pad = jnp.zeros((batch, seq_len), jnp.bool_).at[:, : min(width, seq_len)].set(input_mask[:, :seq_len])
+  return ~(future | pad)[:, None, :]
+
+
+def check_sampling_mode_conflict(original_sampling_mode: list[str | None], new_sampling_mode: str) -> None:
+  """Sets ``original_sampling_mode[0]`` to ``new_sampling_mode``; a ValueError when it was already set."""
+  if original_sampling_mode[0] is not None:
+    raise ValueError(
+        f"Conflicting sampling modes: {original_sampling_mode[0]!r} is set and {new_sampling_mode!r} was asked "
+        "for. Pass top_p / top_k (sampling) or beam_size (beam search), not both."
+    )
+  original_sampling_mode[0] = new_sampling_mode
+
+
+def get_logprobs_from_vllm_output(token_ids: list[int], logprobs: list[Any]) -> list[float]:
+  """The log-probability of each chosen token from vLLM's per-step ``{id: Logprob}`` dicts ([] when absent)."""
+  if not logprobs or logprobs[0] is None:
+    return []
+  if len(logprobs) != len(token_ids):
+    raise ValueError(f"{len(logprobs)} log-prob entries for {len(token_ids)} token ids.")
+  out = []
+  for token, options in zip(token_ids, logprobs):
+    if token not in options:
+      raise ValueError(f"The chosen token id {token} is not among the returned log-probs {list(options)}.")
+    entry = options[token]
+    out.append(float(getattr(entry, "logprob", entry)))
+  return out
+
+
+__all__ += [
+    "build_positions_from_mask",
+    "check_sampling_mode_conflict",
+    "compute_attention_masks",
+    "find_first_eos_idx",
+    "find_first_non_pad_idx",
+    "find_last_non_pad_idx",
+    "get_logprobs_from_vllm_output",
+    "make_causal_attn_mask",
+    "next_power_of_2",
+    "pad_to_length",
+]

@@ -61,7 +61,18 @@ class ShardingConfig:
     return ShardingConfig.default()
 
 
+def as_mesh(mesh: Mesh | None) -> Mesh | None:
+  """``mesh``, or None for no mesh: None or an empty mesh (e.g. the ambient one outside any ``with mesh:``).
+
+  An empty mesh has no devices; everything placed "on" it goes to the default device, unsharded.
+  """
+  if mesh is None or getattr(mesh, "empty", False) or getattr(mesh, "size", 1) == 0:
+    return None
+  return mesh
+
+
 def _spec_for_mesh(axes: Axes, mesh: Mesh | None) -> PartitionSpec:
+  mesh = as_mesh(mesh)
   if mesh is None:
     return PartitionSpec()
   names = set(mesh.axis_names)
@@ -71,7 +82,8 @@ def _spec_for_mesh(axes: Axes, mesh: Mesh | None) -> PartitionSpec:
 def variable_sharding(
     path: str, shape: tuple[int, ...], axes: Axes | None, mesh: Mesh | None
 ) -> jax.sharding.Sharding | None:
-  """The NamedSharding for one variable, checking that its dims divide the mesh."""
+  """The NamedSharding for one variable, checking that its dims divide the mesh (None without a mesh)."""
+  mesh = as_mesh(mesh)
   if mesh is None:
     return None
   axes = tuple(axes or ())
@@ -109,7 +121,8 @@ def partition_specs(model: nnx.Module, mesh: Mesh | None = None) -> dict[str, Pa
 
 
 def shard_model(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
-  """Places every variable of ``model`` on ``mesh`` following its partition metadata."""
+  """Places every variable of ``model`` on ``mesh`` following its partition metadata (None / empty: as it is)."""
+  mesh = as_mesh(mesh)
   if mesh is None:
     return model
   for path, var in nnx.iter_graph(model):

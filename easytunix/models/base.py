@@ -331,10 +331,18 @@ class CausalLM(nnx.Module):
   """A decoder-only language model.
 
   ``model(tokens, positions=None, cache=None, attention_mask=None)`` returns
-  ``(logits, new_cache)``. ``attention_mask`` is either a [B, T] validity mask
-  (padding, causal attention is added) or a full [B, T, S] boolean mask; with a
-  cache, S is the cache length and the T new tokens are written at ``cache.index``.
+  ``(logits, new_cache)``: Tunix's calling convention, positional or by keyword.
+  ``attention_mask`` is either a [B, T] validity mask (padding; causal attention is
+  added and the mask stays factored, so no [T, T] mask is materialised) or a full
+  boolean mask as Tunix builds it: [B, T, T] without a cache (``make_causal_mask``),
+  [B, T, S] with one, where S is the cache length and the T new tokens are written
+  at ``cache.index``. Both forms give the same logits; the factored one is faster.
+  Without ``positions``, they are counted from each row's first real token (read off
+  the mask's diagonal for a [B, T, T] mask).
   """
+
+  # Trainers may pass a [B, T] padding mask (see easytunix.models.calling).
+  accepts_padding_mask: ClassVar[bool] = True
 
   config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
   # The family's registry key ("llama3", ...): its module is easytunix.models.<family> (model, params).
@@ -378,9 +386,19 @@ class CausalLM(nnx.Module):
   ):
     tokens = jnp.asarray(input_tokens)
     b, t = tokens.shape
+    if attention_mask is not None:
+      attention_mask = jnp.asarray(attention_mask)
+      s = t if cache is None else cache.max_len
+      if attention_mask.shape not in ((b, t), (b, t, s)):
+        raise ValueError(
+            f"attention_mask must be [B, T] = {(b, t)} (padding) or [B, T, S] = {(b, t, s)} (causal"
+            f"{', S = cache length' if cache is not None else ''}), got {attention_mask.shape}."
+        )
     if positions is None:
       if attention_mask is not None and attention_mask.ndim == 2:
         positions = positions_from_mask(attention_mask)
+      elif attention_mask is not None and cache is None:
+        positions = positions_from_mask(jnp.diagonal(attention_mask, axis1=1, axis2=2))
       else:
         start = 0 if cache is None else cache.index
         positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))

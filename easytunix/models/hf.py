@@ -23,7 +23,26 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     raise FileNotFoundError(
         f"{folder} has no config.json. A Hugging Face model folder holds config.json and *.safetensors."
     )
-  return json.loads(path.read_text())
+  try:
+    config = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}). Restore the folder's config.json.") from e
+  if not isinstance(config, dict):
+    raise ValueError(f"{path} must hold a JSON object of model settings, got {type(config).__name__}.")
+  return config
+
+
+def parse_hf_config(config_class: type, hf: dict[str, Any], folder: str | Path) -> DecoderConfig:
+  """``config_class.from_hf_config(hf)``, with a missing or malformed field named with its file."""
+  try:
+    return config_class.from_hf_config(hf)
+  except KeyError as e:
+    raise ValueError(
+        f"{Path(folder) / 'config.json'} has no {e.args[0]!r} field, which a {config_class.__name__} needs. "
+        "Is it a complete Hugging Face config.json?"
+    ) from e
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{Path(folder) / 'config.json'} has a field that cannot be used: {e}") from e
 
 
 def load_hf_model(
@@ -46,7 +65,7 @@ def load_hf_model(
     dtype: compute and parameter dtype (default: the checkpoint's own dtype).
   """
   if config is None:
-    config = model_cls.config_class.from_hf_config(read_hf_config(folder))
+    config = parse_hf_config(model_cls.config_class, read_hf_config(folder), folder)
   if dtype is not None:
     config = config.replace(dtype=to_dtype(dtype), param_dtype=to_dtype(dtype))
   return create_model(model_cls, config, folder, rules, mesh=mesh)
@@ -123,13 +142,12 @@ def save_hf_folder(
 ) -> Path:
   """Writes ``model`` as a Hugging Face folder: config.json + model.safetensors (with ``merge_lora``,
   LoRA adapters folded into the kernels)."""
-  from safetensors.numpy import save_file
-
   from easytunix.models.loader import checkpoint_tensors
+  from easytunix.models.safetensors_io import write_safetensors
 
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   tensors = checkpoint_tensors(model, rules, merge_lora=merge_lora)
-  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  write_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
   (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   return folder

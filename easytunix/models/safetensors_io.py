@@ -37,16 +37,34 @@ class SafetensorsReader:
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
+    size = self.path.stat().st_size
+    if size < 8:
+      raise ValueError(
+          f"{self.path} is not a valid safetensors file: it is {size} bytes long (empty or truncated). "
+          "Copy or download it again."
+      )
     with open(self.path, "rb") as f:
       self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
       (header_len,) = struct.unpack("<Q", self._mmap[:8])
+      if 8 + header_len > size:
+        raise ValueError(f"its header claims {header_len} bytes but the file has {size}")
       header = json.loads(self._mmap[8 : 8 + header_len])
+      if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
     except Exception as e:  # noqa: BLE001
-      raise ValueError(f"{self.path} is not a valid safetensors file: {e}") from e
+      self._mmap.close()
+      raise ValueError(f"{self.path} is not a valid safetensors file ({e}); it may be truncated or damaged.") from e
     self.metadata = header.pop("__metadata__", {}) or {}
     self._entries = header
     self._data_start = 8 + header_len
+    needed = max((int(e["data_offsets"][1]) for e in header.values() if isinstance(e, dict)), default=0)
+    if self._data_start + needed > size:
+      self._mmap.close()
+      raise ValueError(
+          f"{self.path} is truncated: its header describes {needed} bytes of tensor data but the file holds "
+          f"{size - self._data_start}. Copy or download it again."
+      )
 
   def keys(self) -> list[str]:
     return list(self._entries)
@@ -85,6 +103,33 @@ class SafetensorsReader:
     self.close()
 
 
+def current_umask() -> int:
+  """The process's umask (read from /proc where it can be, without changing it)."""
+  try:
+    for line in Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> Path:
+  """Writes ``tensors`` to ``path`` with the permissions the umask gives every other file.
+
+  (The ``safetensors`` package creates owner-only files.)
+  """
+  from safetensors.numpy import save_file
+
+  path = Path(path)
+  save_file(tensors, str(path), metadata=metadata)
+  path.chmod(0o666 & ~current_umask())
+  return path
+
+
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
   """The safetensors shards of a checkpoint folder (index file honoured)."""
   folder = Path(folder)
@@ -92,7 +137,10 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"Checkpoint folder {folder} does not exist or is not a directory.")
   index = folder / "model.safetensors.index.json"
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{index} is not a valid safetensors index (a JSON object with a 'weight_map'): {e}") from e
     files = [folder / name for name in sorted(set(weight_map.values()))]
     missing = [str(f) for f in files if not f.exists()]
     if missing:

@@ -20,7 +20,7 @@ def has_adapters(model: nnx.Module) -> bool:
 
 def save_adapters(model: nnx.Module, folder: Path) -> dict[str, Any] | None:
   """Writes every adapter to ``folder/lora_adapters.safetensors``; returns their description."""
-  from safetensors.numpy import save_file
+  from easytunix.models.safetensors_io import write_safetensors
 
   tensors, scales = {}, {}
   for path, m in nnx.iter_graph(model):
@@ -31,7 +31,7 @@ def save_adapters(model: nnx.Module, folder: Path) -> dict[str, Any] | None:
       scales[name] = float(m.lora_scale)
   if not tensors:
     return None
-  save_file(tensors, str(Path(folder) / ADAPTER_FILE))
+  write_safetensors(tensors, Path(folder) / ADAPTER_FILE)
   return {"file": ADAPTER_FILE, "scales": scales}
 
 

@@ -8,8 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import os
 import shutil
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from easytunix.layers.blockwise_attention import IMPLEMENTATIONS
 from easytunix.layers.sharding import ShardingConfig, shard_model
 from easytunix.models import family_for_model_type
 from easytunix.models.base import REMAT_POLICIES, DecoderConfig, to_dtype
-from easytunix.models.hf import load_hf_model, read_hf_config, save_hf_folder
+from easytunix.models.hf import load_hf_model, parse_hf_config, read_hf_config, save_hf_folder
 from easytunix.presets.registry import ASSETS, find_weights, get_preset
 
 PRESET_FILE = "easytunix_preset.json"
@@ -92,6 +96,7 @@ class CausalLMTask:
       tokenizer: a TokenizerAdapter or folder, instead of the preset's own.
       **config_overrides: change config fields of random-weight presets (e.g. num_layers=4).
     """
+    check_mesh(mesh)
     path = Path(preset).expanduser()
     if path.is_dir():
       return cls._from_folder(path, dtype=dtype, mesh=mesh, sharding=sharding, tokenizer=tokenizer)
@@ -119,6 +124,7 @@ class CausalLMTask:
       tokenizer: TokenizerAdapter | str | Path | None = None,
   ):
     """Loads a Hugging Face folder (config.json, *.safetensors, tokenizer files)."""
+    check_mesh(mesh)
     folder = Path(folder).expanduser()
     if not folder.is_dir():
       raise FileNotFoundError(f"Model folder {folder} does not exist or is not a directory.")
@@ -128,7 +134,11 @@ class CausalLMTask:
   def _from_folder(cls, folder: Path, *, dtype, mesh, sharding, tokenizer):
     ours = folder / PRESET_FILE
     if ours.exists():
-      meta = json.loads(ours.read_text())
+      try:
+        meta = json.loads(ours.read_text())
+        meta["family"], meta["config"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{ours} is damaged ({e!r}); save the model again with save_to_preset.") from e
       target = cls if _family(cls) else _class_for_family(meta["family"])
       _check_family(target, meta["family"], folder)
       config = _with(target.config_class.from_dict(meta["config"]), dtype=dtype, sharding=sharding)
@@ -143,7 +153,7 @@ class CausalLMTask:
       model_cls, params = family_for_model_type(hf.get("model_type"))
       target = cls if _family(cls) else _class_for_family(model_cls.family)
       _check_family(target, model_cls.family, folder)
-      config = _with(target.config_class.from_hf_config(hf), dtype=dtype, sharding=sharding)
+      config = _with(parse_hf_config(target.config_class, hf, folder), dtype=dtype, sharding=sharding)
       model = load_hf_model(target, params.name_rules(config), folder, config, mesh=mesh)
     tok = tokenizer if tokenizer is not None else folder
     return model._attach(tok, mesh, preset=str(folder))
@@ -230,14 +240,16 @@ class CausalLMTask:
     Returns:
       The model, so ``Qwen3.from_preset(...).compile(...)`` chains.
     """
-    from easytunix.presets import training
+    from easytunix.presets import training, validation
 
+    validation.check_compile_args(
+        self, learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        decay_steps=decay_steps, schedule=schedule, max_grad_norm=max_grad_norm, max_length=max_length,
+        gradient_accumulation_steps=gradient_accumulation_steps, eval_every_n_steps=eval_every_n_steps,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, distill=distill)
     given = {name: value for name, value in (("teacher", teacher), ("distill", distill)) if value is not None}
-    options = training.resolve_options(trainer, {**trainer_options, **given})
-    if not isinstance(max_length, int) or max_length < 2:
-      raise ValueError(f"max_length must be an int >= 2, got {max_length!r}.")
-    if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps <= 0:
-      raise ValueError(f"gradient_accumulation_steps must be a positive int, got {gradient_accumulation_steps!r}.")
+    check_mesh(self.mesh)
+    options = training.resolve_options(trainer, {**trainer_options, **given}, common=_COMPILE_OPTIONS)
     opt = training.build_optimizer(optimizer, learning_rate, weight_decay, warmup_steps, decay_steps, schedule)
     config = training.training_config(
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -261,6 +273,13 @@ class CausalLMTask:
     state = facade_state(self)
     training.close_run(state)
     state["compiled"] = spec
+    describe = validation.describe_value
+    state["run_settings"] = {
+        "trainer": trainer, "optimizer": describe(optimizer), "learning_rate": describe(learning_rate),
+        "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
+        "decay_steps": decay_steps, "max_length": max_length, "lora_rank": lora_rank,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+    }
     state["recipe_state"] = {}  # e.g. GRPO's reference: a new compile anchors its KL to the weights as they are now
     return self
 
@@ -274,7 +293,7 @@ class CausalLMTask:
 
   def fit(self, data: Any, epochs: int = 1, steps: int | None = None, batch_size: int = 8,
           validation_data: Any = None, callbacks: list | None = None, shuffle: bool = True, seed: int = 0,
-          verbose: int = 1):
+          verbose: int = 1, validation_split: float = 0.0):
     """Trains on ``data`` and returns a ``History`` (``history.history["loss"]``: one value per epoch).
 
     Args:
@@ -283,19 +302,30 @@ class CausalLMTask:
         path; a ``datasets.Dataset``; or an iterable of ``TrainingInput`` batches.
       epochs: passes over the data.
       steps: stop after this many optimizer steps instead (epochs are extended as needed).
+        With ``checkpoint_dir``, the first ``fit`` after ``compile`` counts ``steps``/``epochs`` from the
+        job's start: rerunning a killed script resumes and trains only what is missing, and rerunning a
+        finished one warns and trains nothing. Later ``fit`` calls continue for more, as in Keras.
       batch_size: examples per micro-batch.
       validation_data: evaluated at the end of every epoch (``val_loss`` in the logs).
+      validation_split: hold out this last fraction of ``data`` (before shuffling) as validation
+        data, as Keras does; not together with ``validation_data``.
       callbacks: ``easytunix.callbacks.Callback`` instances.
       shuffle: reshuffle every epoch (deterministically from ``seed``).
       seed: data order seed.
-      verbose: 1 shows a progress bar, 0 is silent.
+      verbose: 0 is silent; 1 prints a start banner (devices, parameters, data, batch, truncation,
+        compile time) and a progress bar (one line per epoch when the output is not a terminal);
+        2 prints one line per epoch.
+
+    Returns:
+      A ``History``: ``history.history[name]`` holds each metric's epoch means (training and
+      ``val_*``), ``history.steps`` one dict per optimizer step.
     """
     from easytunix.presets import training
 
     spec = self._compiled("fit")
     return training.fit(self, spec, facade_state(self), data, epochs=epochs, steps=steps, batch_size=batch_size,
                         validation_data=validation_data, callbacks=callbacks, shuffle=shuffle, seed=seed,
-                        verbose=verbose)
+                        verbose=verbose, validation_split=validation_split)
 
   def evaluate(self, data: Any, batch_size: int = 8) -> dict[str, float]:
     """The compiled trainer's loss (and its metrics, e.g. perplexity) on ``data``."""
@@ -303,19 +333,34 @@ class CausalLMTask:
 
     return training.evaluate(self, self._compiled("evaluate"), facade_state(self), data, batch_size)
 
-  def generate(self, prompts: str | list[str], max_length: int = 64, sampler: str = "greedy", *,
-               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-               beam_size: int | None = None, seed: int | None = None, stream: bool = False,
-               strip_prompt: bool = True, chat: bool = False):
-    """Continues each prompt by up to ``max_length`` new tokens.
+  def generate(self, prompts: str | list[str], max_length: int | None = None, sampler: str = "greedy", *,
+               max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+               top_k: int | None = None, beam_size: int | None = None, seed: int | None = None,
+               stream: bool = False, strip_prompt: bool = True, chat: bool = False):
+    """Continues each prompt; a string gives a string, a list gives a list.
 
-    A string gives a string, a list gives a list; ``stream=True`` gives an
-    iterator of the new text per step. ``sampler`` is "greedy", "top_p",
-    "top_k", "random" or "beam". ``chat=True`` wraps each prompt as a user turn
-    of the tokenizer's chat template.
+    Args:
+      prompts: a string or a list of strings.
+      max_length: how many new tokens to generate at most, not counting the prompt (unlike
+        keras-hub's ``max_length``, which counts the prompt too). Default 64.
+      sampler: "greedy", "top_p", "top_k", "random" or "beam".
+      max_new_tokens: the same limit under transformers' name; give it or ``max_length``, not both.
+      temperature / top_p / top_k / beam_size / seed: sampling settings.
+      stream: return an iterator of the new text per step.
+      strip_prompt: True (default) returns only the new text; False returns the prompt followed by it.
+      chat: wrap each prompt as a user turn of the tokenizer's chat template.
     """
-    from easytunix.presets import generation
+    from easytunix.presets import generation, validation
 
+    if max_length is not None and max_new_tokens is not None:
+      raise ValueError(
+          f"generate got max_length={max_length} and max_new_tokens={max_new_tokens}; both count new tokens "
+          "only (not the prompt), so give one of them."
+      )
+    max_length = max_new_tokens if max_new_tokens is not None else 64 if max_length is None else max_length
+
+    validation.check_generate_args(prompts, max_length=max_length, temperature=temperature, top_p=top_p,
+                                   top_k=top_k, beam_size=beam_size, seed=seed)
     return generation.generate(self, facade_state(self), prompts, max_length=max_length, sampler=sampler,
                                temperature=temperature, top_p=top_p, top_k=top_k, beam_size=beam_size, seed=seed,
                                stream=stream, strip_prompt=strip_prompt, chat=chat)
@@ -338,10 +383,19 @@ class CausalLMTask:
     return self
 
   # ---------------------------------------------------------------- saving
-  def save_to_preset(self, folder: str | Path) -> Path:
-    """Writes a folder that ``from_preset(folder)`` restores exactly (LoRA adapters included)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+  def save_to_preset(self, folder: str | Path, overwrite: bool = False) -> Path:
+    """Writes a folder that ``from_preset(folder)`` restores exactly (LoRA adapters included).
+
+    Args:
+      folder: destination; it must be empty or missing unless ``overwrite``.
+      overwrite: replace a non-empty folder. The new folder is written beside it and swapped in
+        only when complete, so an interrupted save leaves the old one intact.
+    """
+    with _atomic_folder(Path(folder), overwrite, "save_to_preset") as staging:
+      self._write_preset(staging)
+    return Path(folder)
+
+  def _write_preset(self, folder: Path) -> None:
     _, params = family_for_model_type(self.config.to_hf_config()["model_type"])
     save_hf_folder(self, folder, params.name_rules(self.config), self.config.to_hf_config())
     meta = {"family": self.family, "config": self.config.to_dict(), "format_version": 1}
@@ -352,15 +406,15 @@ class CausalLMTask:
       meta["lora"] = lora
     (folder / PRESET_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     self._save_tokenizer(folder)
-    return folder
 
-  def export_safetensors(self, folder: str | Path, merge_lora: bool = True) -> Path:
+  def export_safetensors(self, folder: str | Path, merge_lora: bool = True, overwrite: bool = False) -> Path:
     """Writes a Hugging Face folder that transformers' ``from_pretrained`` loads.
 
     Args:
       folder: destination.
       merge_lora: fold LoRA adapters into the exported weights (the model itself is unchanged).
         With False, adapters are an error: transformers would silently drop them.
+      overwrite: replace a non-empty folder (written beside it, swapped in when complete).
     """
     from easytunix.presets import lora_io
 
@@ -369,12 +423,12 @@ class CausalLMTask:
           "This model has LoRA adapters; export_safetensors(merge_lora=False) would drop them. "
           "Use merge_lora=True, or save_to_preset to keep the adapters separate."
       )
-    folder = Path(folder)
     _, params = family_for_model_type(self.config.to_hf_config()["model_type"])
-    # The adapters are folded in tensor by tensor as they are written: no copy of the model.
-    save_hf_folder(self, folder, params.name_rules(self.config), self.config.to_hf_config(), merge_lora=True)
-    self._save_tokenizer(folder)
-    return folder
+    with _atomic_folder(Path(folder), overwrite, "export_safetensors") as staging:
+      # The adapters are folded in tensor by tensor as they are written: no copy of the model.
+      save_hf_folder(self, staging, params.name_rules(self.config), self.config.to_hf_config(), merge_lora=True)
+      self._save_tokenizer(staging)
+    return Path(folder)
 
   def _save_tokenizer(self, folder: Path) -> None:
     tok = getattr(self, "tokenizer", None)
@@ -388,7 +442,10 @@ class CausalLMTask:
 
   # ---------------------------------------------------------------- inspection
   def summary(self, print_fn=print) -> str:
-    """Parameters per block, trainable vs frozen, LoRA adapters; printed and returned."""
+    """Parameters per block, trainable vs frozen, LoRA adapters; printed and returned.
+
+    Runs of identical decoder layers are one row ("layers.0-29 x30", their parameters summed).
+    """
     from easytunix.presets import lora_io
 
     rows: dict[str, list[int]] = {}
@@ -412,11 +469,11 @@ class CausalLMTask:
         f'{type(self).__name__} "{getattr(self, "preset", "")}": {c.num_layers} layers, width {c.hidden_size}, '
         f"{c.num_heads} heads ({c.num_kv_heads} KV), vocab {c.vocab_size}, dtype {np.dtype(c.param_dtype).name}"
         + (f", MoE {c.num_experts}x top-{c.num_experts_per_tok}" if c.num_experts else ""),
-        f"{'block':<14}{'parameters':>14}{'LoRA':>12}",
+        f"{'block':<22}{'parameters':>14}{'LoRA':>12}",
     ]
-    for block, (base, _, lora) in rows.items():
-      lines.append(f"{block:<14}{base:>14,}{lora:>12,}")
-    lines.append(f"{'total':<14}{total_base:>14,}{total_lora:>12,}")
+    for block, base, lora in _collapse_layers(rows):
+      lines.append(f"{block:<22}{base:>14,}{lora:>12,}")
+    lines.append(f"{'total':<22}{total_base:>14,}{total_lora:>12,}")
     lines.append(
         f"trainable: {trainable:,}   frozen: {total_base + total_lora - trainable:,}"
         + ("   (LoRA: only adapters train)" if lora_on else "   (full fine-tuning)")
@@ -425,6 +482,80 @@ class CausalLMTask:
     if print_fn is not None:
       print_fn(text)
     return text
+
+
+@contextlib.contextmanager
+def _atomic_folder(folder: Path, overwrite: bool, what: str):
+  """Yields a sibling staging folder; on success it replaces ``folder`` (files of an older save go with it)."""
+  from easytunix.models.safetensors_io import current_umask
+  from easytunix.presets import validation
+
+  folder = folder.expanduser()
+  validation.check_output_folder(folder, overwrite, what)
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  staging = folder.with_name(f".{folder.name}.tmp-{tag}")
+  staging.mkdir(mode=0o777 & ~current_umask())
+  try:
+    yield staging
+    old = folder.with_name(f".{folder.name}.old-{tag}")
+    if folder.exists():
+      folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _collapse_layers(rows: dict[str, list[int]]) -> list[tuple[str, int, int]]:
+  """``(name, parameters, LoRA)`` rows with consecutive same-sized ``layers.i`` rows merged into one."""
+  out: list[tuple[str, int, int]] = []
+  run: list[tuple[int, int, int]] = []  # (layer index, base, lora) of the current run
+
+  def flush():
+    if run:
+      first, last = run[0][0], run[-1][0]
+      name = f"layers.{first}" if len(run) == 1 else f"layers.{first}-{last} x{len(run)}"
+      out.append((name, sum(r[1] for r in run), sum(r[2] for r in run)))
+      run.clear()
+
+  for block, (base, _, lora) in rows.items():
+    index = block.split(".", 1)[1] if block.startswith("layers.") else None
+    if index is not None and index.isdigit():
+      if run and (run[-1][1:] != (base, lora) or int(index) != run[-1][0] + 1):
+        flush()
+      run.append((int(index), base, lora))
+    else:
+      flush()
+      out.append((block, base, lora))
+  flush()
+  return out
+
+
+# compile's own arguments: the options every trainer takes (the trainer's own come from its recipe).
+_COMPILE_OPTIONS = tuple(
+    name for name in inspect.signature(CausalLMTask.compile).parameters
+    if name not in ("self", "trainer_options", "teacher", "distill")
+)
+
+
+def check_mesh(mesh: Mesh | None) -> None:
+  """Raises when ``mesh`` has Explicit axes (``jax.make_mesh``'s default): the model shards with Auto axes.
+
+  Explicit sharding would make every operation declare its output sharding; the model's layers
+  place parameters and let XLA propagate, which needs ``AxisType.Auto``.
+  """
+  if mesh is None:
+    return
+  axis_types = getattr(mesh, "axis_types", None) or ()
+  explicit = [name for name, kind in zip(mesh.axis_names, axis_types) if "Explicit" in str(kind)]
+  if explicit:
+    n = len(mesh.axis_names)
+    raise ValueError(
+        f"The mesh's axes {explicit} are Explicit (recent jax.make_mesh's default); easytunix shards "
+        f"with Auto axes. Build the mesh as jax.make_mesh({tuple(mesh.devices.shape)}, {tuple(mesh.axis_names)}, "
+        f"axis_types=(jax.sharding.AxisType.Auto,) * {n})."
+    )
 
 
 def _with(config: DecoderConfig, *, dtype=None, sharding=None) -> DecoderConfig:

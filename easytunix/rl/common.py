@@ -17,6 +17,7 @@ from flax import nnx
 
 from easytunix.generate.utils import bucket
 from easytunix.layers.cache import positions_from_mask
+from easytunix.models.calling import call_causal_lm
 from easytunix.sft.peft_trainer import token_log_probs
 
 
@@ -29,6 +30,8 @@ def completion_logps(
 ) -> jax.Array:
   """log p(completion token | everything before it) for every completion slot: [B, C] (float32).
 
+  The model is called the Tunix way (:func:`easytunix.models.calling.call_causal_lm`),
+  so any ``model(tokens, positions, cache, attention_mask) -> (logits, cache)`` works.
   Padding slots hold whatever the model gives there; multiply by
   ``completion_mask`` before using them.
   """
@@ -38,7 +41,7 @@ def completion_logps(
   mask = jnp.concatenate(
       [jnp.asarray(prompt_mask).astype(jnp.bool_), jnp.asarray(completion_mask).astype(jnp.bool_)], axis=1
   )
-  logits, _ = model(tokens, positions=positions_from_mask(mask), attention_mask=mask)
+  logits = call_causal_lm(model, tokens, mask)
   width = prompt_ids.shape[1]
   return token_log_probs(logits[:, width - 1 : -1], completion_ids)
 

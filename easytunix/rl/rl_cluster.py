@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from easytunix.generate.sampler import CacheConfig, Sampler, SamplerOutput
 from easytunix.generate.tokenizer_adapter import tokenizer_pad_id
-from easytunix.layers.sharding import module_mesh, path_str, shard_model, variable_sharding
+from easytunix.layers.sharding import as_mesh, module_mesh, path_str, shard_model, variable_sharding
 from easytunix.rl.common import bucket, completion_logps, left_pad, right_pad
 from easytunix.rl.reference import choose_reference
 from easytunix.sft.lora import is_lora_enabled, lora_disabled, trainable_filter
@@ -82,12 +82,18 @@ class RolloutConfig:
     kv_cache_size: tokens per row of the sampler's KV cache (None: enough for
       the longest prompt plus ``max_tokens_to_generate``).
     eos_tokens: ids that end a completion (None: the tokenizer's).
-    seed: seed of the rollout sampling stream (each rollout draws a fresh key from it).
+    seed: seed of the rollout sampling stream (each rollout draws a fresh key
+      from it); an int, a JAX PRNG key (its last word is used) or None (0).
     rollout_vllm_model_version: with ``rollout_engine="vllm"``, a Hugging Face
       folder the engine starts from (None: the actor's weights; either way the
       actor's weights are pushed before the first rollout).
     rollout_vllm_hbm_utilization: fraction of GPU memory the vLLM engine may take.
     rollout_vllm_engine_kwargs: more keyword arguments for ``vllm.LLM``.
+    data_type, rollout_mapping_config, tensor_parallel_size, data_parallel_size,
+    rollout_vllm_lora_config, rollout_vllm_init_with_random_weights,
+    rollout_vllm_tpu_backend_type: Tunix's fields, accepted so a Tunix config
+      builds; the rollout runs on the actor's (or ``ROLLOUT``'s) mesh and dtype,
+      so they change nothing here.
   """
 
   max_tokens_to_generate: int = 64
@@ -101,8 +107,22 @@ class RolloutConfig:
   rollout_vllm_model_version: str | None = None
   rollout_vllm_hbm_utilization: float = 0.3
   rollout_vllm_engine_kwargs: Mapping[str, Any] | None = None
+  data_type: Any = None
+  rollout_mapping_config: Any = None
+  tensor_parallel_size: int = -1
+  data_parallel_size: int = -1
+  rollout_vllm_lora_config: Mapping[str, Any] | None = None
+  rollout_vllm_init_with_random_weights: bool = True
+  rollout_vllm_tpu_backend_type: str | None = None
 
   def __post_init__(self):
+    if self.seed is None:
+      object.__setattr__(self, "seed", 0)
+    elif isinstance(self.seed, jax.Array):
+      key = jax.random.key_data(self.seed) if jax.dtypes.issubdtype(self.seed.dtype, jax.dtypes.prng_key) else self.seed
+      object.__setattr__(self, "seed", int(np.asarray(key).ravel()[-1]))
+    if self.rollout_vllm_model_version == "":
+      object.__setattr__(self, "rollout_vllm_model_version", None)
     _positive_int("RolloutConfig", "max_tokens_to_generate", self.max_tokens_to_generate)
     _positive_int("RolloutConfig", "max_prompt_length", self.max_prompt_length)
     if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -164,6 +184,8 @@ class ClusterConfig:
   Attributes:
     role_to_mesh: a mesh per :class:`Role`; a role without one uses the
       actor's mesh (None everywhere: wherever the actor's weights already are).
+      An empty mesh (e.g. ``pxla.thread_resources.env.physical_mesh`` outside
+      any ``with mesh:``) counts as none: a single device, no sharding.
     rollout_engine: ``"vanilla"`` (easytunix's JAX Sampler) or ``"vllm"`` (a
       :class:`~easytunix.generate.vllm_sampler.VllmSampler`; needs vLLM installed).
     offload_to_cpu: keep an idle separate reference model in host memory.
@@ -191,8 +213,9 @@ class ClusterConfig:
     for role, mesh in meshes.items():
       if not isinstance(role, Role):
         raise TypeError(f"role_to_mesh keys must be easytunix.rl.rl_cluster.Role members, got {role!r}.")
-      if not isinstance(mesh, Mesh):
+      if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"role_to_mesh[{role}] must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    meshes = {role: mesh for role, mesh in meshes.items() if as_mesh(mesh) is not None}
     object.__setattr__(self, "role_to_mesh", meshes)
 
 
@@ -218,6 +241,7 @@ class Rollout:
 
 def same_devices(a: Mesh | None, b: Mesh | None) -> bool:
   """Whether two meshes (None: the default placement) put arrays on the same devices in the same layout."""
+  a, b = as_mesh(a), as_mesh(b)
   if a is None or b is None:
     return a is b
   return a.axis_names == b.axis_names and a.devices.shape == b.devices.shape and (

@@ -181,19 +181,25 @@ def tokenize_record(
 
 
 def truncate_examples(
-    examples: Sequence[TokenizedExample], max_length: int, *, where: str = "the dataset"
+    examples: Sequence[TokenizedExample], max_length: int, *, where: str = "the dataset",
+    template_tokens: int | None = None,
 ) -> list[TokenizedExample]:
-  """Cuts examples to ``max_length`` tokens (keeping the start), warning how many were cut.
+  """Cuts examples to ``max_length`` tokens (keeping the start), warning what was cut.
+
+  The warning gives the count, the longest example, ``template_tokens`` (what the chat template
+  adds around each turn, when one is used) and how many examples lost their last target token
+  (the EOS or end-of-turn token that teaches the model to stop).
 
   Raises:
     ValueError: when cutting would leave an example with no target token.
   """
   if max_length < 2:
     raise ValueError(f"max_length must be at least 2, got {max_length}.")
-  out, cut = [], 0
+  out, cut, lost_end = [], 0, 0
   for index, ex in enumerate(examples):
     if len(ex) > max_length:
       cut += 1
+      lost_end += any(ex.completion_mask[max_length:])
       ex = TokenizedExample(ex.tokens[:max_length], ex.completion_mask[:max_length])
       if ex.num_targets == 0:
         first = ex.completion_mask.index(True) if True in ex.completion_mask else None
@@ -203,9 +209,14 @@ def truncate_examples(
         )
     out.append(ex)
   if cut:
+    template = (f" (the chat template adds {template_tokens} of them to each user/assistant exchange)"
+                if template_tokens else "")
+    ending = (f" {lost_end} of them lost their final EOS / end-of-turn token: the model will not learn to stop "
+              "after those." if lost_end else "")
     warnings.warn(
         f"{cut} of {len(examples)} examples of {where} were longer than max_length={max_length} tokens "
-        "and were truncated.",
+        f"and were truncated; the longest has {max(len(ex) for ex in examples)} tokens{template}.{ending} "
+        "Raise max_length (compile(max_length=...)) or shorten the examples.",
         stacklevel=2,
     )
   return out
@@ -231,6 +242,15 @@ def pad_batch(
     input_mask[r, :n] = True
     completion[r, :n] = ex.completion_mask
   return TrainingInput(input_tokens=tokens, input_mask=input_mask, completion_mask=completion)
+
+
+def _template_tokens(tokenizer: Any) -> int | None:
+  """Tokens the chat template adds around one empty user turn and one empty assistant turn."""
+  try:
+    empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    return len(tokenizer.apply_chat_template(empty, tokenize=True))
+  except Exception:  # a template that rejects empty turns: the count is only a hint
+    return None
 
 
 class SupervisedDataset:
@@ -275,7 +295,15 @@ class SupervisedDataset:
     examples = [
         tokenize_record(tokenizer, r, add_eos=add_eos, use_chat_template=use_chat_template) for r in records
     ]
-    self.examples = truncate_examples(examples, max_length, where=name)
+    uses_template = use_chat_template or any("messages" in r for r in records)
+    self.num_truncated = sum(len(ex) > max_length for ex in examples)
+    self.examples = truncate_examples(examples, max_length, where=name,
+                                      template_tokens=_template_tokens(tokenizer) if uses_template else None)
+    if not any(ex.num_targets for ex in self.examples):
+      raise ValueError(
+          f"{name}: none of its {len(self.examples)} examples has a token to train on (are the texts or "
+          "completions empty?). Give non-empty text."
+      )
     if drop_remainder and len(self.examples) < batch_size:
       raise ValueError(
           f"{name} has {len(self.examples)} examples, fewer than batch_size={batch_size}: no full batch. "
@@ -333,7 +361,10 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
       return [json.loads(line) for line in f if line.strip()]
   if suffix == ".json":
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+      data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}).") from e
     if isinstance(data, dict) and isinstance(data.get("data"), list):
       data = data["data"]
     if not isinstance(data, list):

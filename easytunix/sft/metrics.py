@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import numbers
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
+
+
+class Mode(str, enum.Enum):
+  """The phase a metric belongs to (a str: ``Mode.TRAIN == "train"``)."""
+
+  TRAIN = "train"
+  EVAL = "eval"
+
+  def __str__(self) -> str:
+    return self.value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +54,14 @@ class MetricsLogger:
 
   Every value is kept in :attr:`history` (``{tag: [(step, value), ...]}``) and,
   when ``options.log_dir`` is set, written to a tensorboardX event file there.
+
+  Args:
+    metrics_logger_options: a :class:`MetricsLoggerOptions` (None: in memory only).
+    options: the same (easytunix's older keyword).
   """
 
-  def __init__(self, options: MetricsLoggerOptions | None = None):
-    self.options = options or MetricsLoggerOptions()
+  def __init__(self, metrics_logger_options: MetricsLoggerOptions | None = None, *, options=None):
+    self.options = metrics_logger_options or options or MetricsLoggerOptions()
     self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
     self._writer = None
     self._since_flush = 0
@@ -55,30 +70,59 @@ class MetricsLogger:
 
       self._writer = SummaryWriter(logdir=self.options.log_dir, flush_secs=3600)
 
-  def log(self, name: str, value: Any, step: int, mode: str = "train") -> None:
-    """Records one scalar; values that are not 0-d numbers are ignored."""
-    scalar = _scalar(value)
+  def log(self, metric_name: str, scalar_value: Any, mode: Mode | str = "train", step: int | None = None) -> None:
+    """Records one scalar (Tunix's argument order); values that are not 0-d numbers are ignored.
+
+    ``log(name, value, step)`` and ``log(name, value, step, mode)`` (easytunix's
+    older order) work too: an int in the third place is the step.
+    """
+    if not isinstance(mode, str):  # log(name, value, step[, mode])
+      mode, step = ("train" if step is None else step), mode
+    scalar = _scalar(scalar_value)
     if scalar is None:
       return
-    tag = f"{mode}/{name}"
-    self.history[tag].append((int(step), scalar))
+    tag = f"{mode}/{metric_name}"
+    step = 0 if step is None else int(step)
+    self.history[tag].append((step, scalar))
     if self._writer is not None:
-      self._writer.add_scalar(tag, scalar, int(step))
+      self._writer.add_scalar(tag, scalar, step)
 
-  def log_dict(self, metrics: dict[str, Any], step: int, mode: str = "train") -> None:
+  def log_dict(self, metrics: dict[str, Any], step: int, mode: Mode | str = "train") -> None:
     """Logs every scalar of ``metrics`` and counts one step towards the next flush."""
     for name, value in metrics.items():
-      self.log(name, value, step, mode)
+      self.log(name, value, mode, step)
     self._since_flush += 1
     if self._since_flush >= self.options.flush_every_n_steps:
       self.flush()
 
-  def latest(self, name: str, mode: str = "train") -> float | None:
+  def metric_exists(self, metric_name: str, mode: Mode | str = "train") -> bool:
+    """Whether anything was logged under ``mode/metric_name``."""
+    return bool(self.history.get(f"{mode}/{metric_name}"))
+
+  def get_metric_history(self, metric_name: str, mode: Mode | str = "train") -> np.ndarray:
+    """Every value logged under ``mode/metric_name``, in order (a 1-D array).
+
+    Raises:
+      ValueError: nothing was logged under that name; the message lists what was.
+    """
+    if not self.metric_exists(metric_name, mode):
+      known = sorted(t.split("/", 1)[1] for t, v in self.history.items() if v and t.startswith(f"{mode}/"))
+      raise ValueError(f"Metric {metric_name!r} not found for mode {str(mode)!r}. Logged metrics: {known}.")
+    return np.asarray(self.values(metric_name, mode))
+
+  def get_metric(self, metric_name: str, mode: Mode | str = "train") -> float:
+    """The mean of every value logged under ``mode/metric_name`` (the geometric mean for perplexity)."""
+    values = self.get_metric_history(metric_name, mode)
+    if metric_name == "perplexity":
+      return float(np.exp(np.mean(np.log(values))))
+    return float(np.mean(values))
+
+  def latest(self, name: str, mode: Mode | str = "train") -> float | None:
     """The most recent value logged under ``mode/name``, or None."""
     values = self.history.get(f"{mode}/{name}")
     return values[-1][1] if values else None
 
-  def values(self, name: str, mode: str = "train") -> list[float]:
+  def values(self, name: str, mode: Mode | str = "train") -> list[float]:
     """Every value logged under ``mode/name``, in order."""
     return [v for _, v in self.history.get(f"{mode}/{name}", [])]
 
@@ -125,4 +169,4 @@ class ProgressBar:
       self._bar = None
 
 
-__all__ = ["MetricsLogger", "MetricsLoggerOptions", "ProgressBar", "perplexity"]
+__all__ = ["MetricsLogger", "MetricsLoggerOptions", "Mode", "ProgressBar", "perplexity"]

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -25,8 +27,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from easytunix.layers.sharding import module_mesh
+from easytunix.models.calling import call_causal_lm
 from easytunix.sft import hooks as hooks_lib
-from easytunix.sft.checkpoint import CheckpointingOptions, CheckpointManager
+from easytunix.sft.checkpoint import CHECKPOINTING_OPTIONS_TYPES, CheckpointingOptions, CheckpointManager
 from easytunix.sft.lora import is_lora_enabled, trainable_filter
 from easytunix.sft.metrics import MetricsLogger, MetricsLoggerOptions, ProgressBar, perplexity
 
@@ -135,8 +138,11 @@ class TrainingConfig:
     if isinstance(self.data_sharding_axis, str):
       object.__setattr__(self, "data_sharding_axis", (self.data_sharding_axis,))
     object.__setattr__(self, "data_sharding_axis", tuple(self.data_sharding_axis))
-    if self.checkpointing_options is not None and not isinstance(self.checkpointing_options, CheckpointingOptions):
-      raise TypeError("checkpointing_options must be an easytunix.sft.checkpoint.CheckpointingOptions.")
+    if self.checkpointing_options is not None and not isinstance(self.checkpointing_options, CHECKPOINTING_OPTIONS_TYPES):
+      raise TypeError(
+          "checkpointing_options must be an easytunix.sft.checkpoint.CheckpointingOptions "
+          "or an orbax.checkpoint.CheckpointManagerOptions."
+      )
     if self.metrics_logging_options is not None and not isinstance(
         self.metrics_logging_options, MetricsLoggerOptions
     ):
@@ -153,13 +159,14 @@ class TrainingConfig:
 
 
 @contextlib.contextmanager
-def time_measure(context: str = "") -> Iterator[None]:
-  """Logs how long the block took: ``[context] took 1.23s``."""
+def time_measure(context: str = "", suppress_logging: bool = False) -> Iterator[Callable[[], float]]:
+  """Logs how long the block took: ``[context] took 1.23s``; yields a function giving the seconds so far."""
   start = time.perf_counter()
   try:
-    yield
+    yield lambda: time.perf_counter() - start
   finally:
-    logger.info("[%s] took %.2fs", context, time.perf_counter() - start)
+    if not suppress_logging:
+      logger.info("[%s] took %.2fs", context, time.perf_counter() - start)
 
 
 def default_gen_model_input_fn(batch: Any) -> Any:
@@ -185,14 +192,21 @@ def default_loss_fn(
     input_mask: jax.Array,
     completion_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Next-token cross-entropy over the completion tokens, summed and divided by their count.
+
+  The model is called the Tunix way, ``model(input_tokens, positions, None, attention_mask)``
+  (see :func:`easytunix.models.calling.call_causal_lm`): any module with that signature
+  trains. Without ``attention_mask``, ``input_mask`` (the padding) is the attention
+  mask too; Tunix's ``gen_model_input_fn`` outputs (``input_tokens``, ``input_mask`` as the
+  loss mask, ``positions``, a causal [B, T, T] ``attention_mask``) are accepted as keywords.
 
   Returns ``(loss, {"num_tokens": count})``; the count lets the trainer combine
   micro-batches exactly.
   """
   input_mask = jnp.asarray(input_mask).astype(jnp.bool_)
-  logits, _ = model(input_tokens, positions=positions, attention_mask=input_mask)
+  logits = call_causal_lm(model, input_tokens, input_mask, positions, attention_mask)
   targets = input_tokens[:, 1:]
   mask = input_mask[:, 1:]
   if completion_mask is not None:
@@ -251,6 +265,25 @@ def _stack(items: list[Any]) -> Any:
         "The micro-batches of one optimizer step have different structures or shapes, so they cannot be "
         f"stacked for gradient accumulation ({err}). Pad every batch to the same max_length."
     ) from err
+
+
+def _with_hyperparams_of(restored: Any, fresh: Any) -> Any:
+  """``restored`` optimizer state carrying ``fresh``'s injected hyperparameters.
+
+  Moments and step counts come from the checkpoint; hyperparameters such as a
+  constant learning rate come from the optimizer this run was built with, so a
+  changed setting applies instead of being silently replaced by the saved one.
+  """
+  def injected(x):  # optax's Inject(Stateful)HyperparamsState
+    return isinstance(getattr(x, "hyperparams", None), dict) and hasattr(x, "_replace")
+
+  def pick(old, new):
+    return old._replace(hyperparams=new.hyperparams) if injected(old) and injected(new) else old
+
+  try:
+    return jax.tree.map(pick, restored, fresh, is_leaf=injected)
+  except ValueError:  # different structures: keep what was restored
+    return restored
 
 
 class _LiveState:
@@ -372,6 +405,7 @@ class PeftTrainer:
     self._profiling = False
     self._pbar: ProgressBar | None = None
     self._live: _LiveState | None = None
+    self._warned_non_finite = False
 
     _, trainable, _ = nnx.split(model, self._trainable_filter(), ...)
     if not jax.tree.leaves(trainable):
@@ -633,7 +667,7 @@ class PeftTrainer:
     if restored is None:
       return
     if restored.opt_state is not None:
-      self._opt_state = _commit(restored.opt_state)
+      self._opt_state = _commit(_with_hyperparams_of(restored.opt_state, self._opt_state))
     self._train_steps = restored.step
     self._data_position = (int(restored.metadata.get("epoch", 0)), int(restored.metadata.get("batch_in_epoch", 0)))
     logger.info("Resuming from step %d (epoch %d, batch %d).", self._train_steps, *self._data_position)
@@ -655,6 +689,12 @@ class PeftTrainer:
       return
     pending, self._pending = self._pending, None
     values = {k: float(v) for k, v in jax.device_get(pending.metrics).items() if np.ndim(v) == 0}
+    if not self._warned_non_finite and not math.isfinite(values.get("loss", 0.0)):
+      self._warned_non_finite = True
+      warnings.warn(
+          f"The training loss is {values['loss']} at step {pending.step} (the first non-finite loss of this run). "
+          "Lower the learning rate, clip gradients (max_grad_norm), check the data, or stop with "
+          "callbacks.TerminateOnNaN().", RuntimeWarning, stacklevel=2)
     # A step's time runs from its dispatch to the next dispatch, which the loop
     # only reaches once the step before was read back; in steady state that is
     # the device time per step, whether dispatch is asynchronous (GPU) or not (CPU).

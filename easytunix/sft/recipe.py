@@ -3,7 +3,7 @@
 A :class:`Recipe` is what a trainer package tells the facade: its options
 (names and defaults) and their checks, how records become its batches, how to
 build it from generic settings, how many optimizer steps an epoch makes, which
-step metrics are also kept per epoch, and what to undo after ``fit``. What it
+metric the progress bar shows, and what to undo after ``fit``. What it
 builds is a :class:`TrainingRun`, the one interface the facade trains,
 evaluates and closes through, whatever sits behind it (a :class:`PeftTrainer`,
 or a GRPO learner wrapping one).
@@ -15,6 +15,7 @@ facade finds it with :func:`get_recipe`. This module holds the SFT recipe.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -81,13 +82,14 @@ class Recipe:
     options: every option ``compile`` accepts for this trainer, with its default.
     data_format: which record format ``fit`` checks data against (a key of
       ``easytunix.presets.data_formats.FORMATS``; None: ``name``'s, when it has one).
-    epoch_metrics: step metrics that ``History`` also keeps per epoch (averaged), beyond the loss.
+    main_metric: the step metric the progress bar shows beside the loss (``History`` keeps every
+      metric's epoch mean anyway).
   """
 
   name: ClassVar[str] = ""
   options: ClassVar[Mapping[str, Any]] = {}
   data_format: ClassVar[str | None] = None
-  epoch_metrics: ClassVar[tuple[str, ...]] = ()
+  main_metric: ClassVar[str] = "loss"
 
   def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options with defaults filled in; raises on what no model is needed to reject.
@@ -154,16 +156,25 @@ def get_recipe(name: str) -> Recipe:
   return _RECIPES[name]
 
 
-def resolve_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-  """``options`` checked against recipe ``name``'s (unknown names list the valid ones and who has them)."""
+def resolve_options(name: str, options: Mapping[str, Any], common: Iterable[str] = ()) -> dict[str, Any]:
+  """``options`` checked against recipe ``name``'s.
+
+  An unknown name is an error that lists every valid option (``common``: those of every
+  trainer, e.g. ``compile``'s own arguments), says which other trainer has it, and
+  suggests the closest valid name (a typo such as ``learnig_rate``).
+  """
   recipe = get_recipe(name)
   unknown = set(options) - set(recipe.options)
   if unknown:
     others = {n for n, r in _RECIPES.items() if unknown & set(r.options)}
     hint = f" (those are options of trainer {sorted(others)})" if others else ""
+    valid = sorted({*common, *recipe.options})
+    close = {u: difflib.get_close_matches(u, valid, n=1) for u in sorted(unknown)}
+    suggestions = "".join(f" Did you mean {m[0]!r} for {u!r}?" for u, m in close.items() if m)
+    common_part = f"common options: {sorted(common)}; " if common else ""
     raise ValueError(
-        f"compile(trainer={name!r}) got unknown option(s) {sorted(unknown)}{hint}. "
-        f"Options for {name!r}: {sorted(recipe.options) or 'none'}."
+        f"compile(trainer={name!r}) got unknown option(s) {sorted(unknown)}{hint}.{suggestions} "
+        f"Valid options: {common_part}options for {name!r}: {sorted(recipe.options) or 'none'}."
     )
   return recipe.check_options(options)
 

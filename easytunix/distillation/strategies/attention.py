@@ -15,11 +15,6 @@ from easytunix.distillation.strategies.losses import cosine_distance, masked_mea
 from easytunix.distillation.strategies.projection import LayerwiseProjection
 
 
-def _query_weights(token_mask: jax.Array) -> jax.Array:
-  """[B, T] real-token mask -> weights for [B, L, H, T, S] maps (real queries)."""
-  return token_mask[:, None, None, :, None]
-
-
 def _default_attention_layer() -> type[nnx.Module]:
   from easytunix.layers.attention import Attention
 
@@ -55,14 +50,17 @@ class AttentionTransferStrategy(IntermediateStrategy):
 
   Args:
     student_forward_fn / teacher_forward_fn / labels_fn: see :class:`BaseStrategy`.
-    attention_layer: the attention module class (None: :class:`easytunix.layers.attention.Attention`);
-      it must sow its weights when ``capture_weights`` is True.
+    attention_layer: the attention module class (None: :class:`easytunix.layers.attention.Attention`):
+      any class that can report its softmax weights: easytunix's ``Attention``, flax's
+      ``nnx.MultiHeadAttention``, or any module whose ``__call__`` takes ``sow_weights`` and then
+      sows ``"attention_weights"`` (flax's convention).
     alpha: weight of the attention loss; the task loss gets ``1 - alpha``.
     attention_loss_fn: ``fn(student_maps, teacher_maps[, mask=...]) -> scalar`` on the matched
       [B, L, H, T, S] maps (padded queries zeroed), instead of the cosine distance.
   """
 
   maps_key = "attention"
+  seq_axis = 3  # the query axis of [B, L, H, T, S]
 
   def __init__(
       self,
@@ -77,12 +75,13 @@ class AttentionTransferStrategy(IntermediateStrategy):
     super().__init__(student_forward_fn, teacher_forward_fn, labels_fn, attention_layer, alpha, attention_loss_fn)
     self.attention_layer = attention_layer
 
-  def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array) -> jax.Array:
+  def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array | None) -> jax.Array:
     student, teacher = match_attention(student_maps, teacher_maps)
     if self.loss_fn is not None:
-      return self.custom_loss(student, teacher, token_mask, _query_weights)
+      return self.custom_loss(student, teacher, token_mask)
     distance = cosine_distance(student, teacher, axis=-1)  # [B, L, H, T]
-    return masked_mean(distance, token_mask[:, None, None, :])
+    weights = self.token_weights(token_mask, student)
+    return masked_mean(distance, None if weights is None else weights[..., 0])
 
 
 class AttentionProjectionStrategy(IntermediateStrategy):
@@ -98,7 +97,8 @@ class AttentionProjectionStrategy(IntermediateStrategy):
 
   Args:
     student_forward_fn / teacher_forward_fn / labels_fn: see :class:`BaseStrategy`.
-    attention_layer: the attention module class (None: easytunix's Attention).
+    attention_layer: the attention module class (None: easytunix's Attention); any class
+      :class:`AttentionTransferStrategy` accepts (e.g. ``nnx.MultiHeadAttention``).
     dummy_input: a batch of model inputs used to trace the shapes (None: 1 x 8 tokens).
     rngs: initialises the projection (None: ``nnx.Rngs(0)``).
     alpha: weight of the attention loss; the task loss gets ``1 - alpha``.
@@ -106,6 +106,7 @@ class AttentionProjectionStrategy(IntermediateStrategy):
   """
 
   maps_key = "attention"
+  seq_axis = 3  # the query axis of [B, L, H, T, S]
   projection_name = "distillation_attention_projection"
 
   def __init__(
@@ -135,13 +136,15 @@ class AttentionProjectionStrategy(IntermediateStrategy):
 
     return LayerwiseProjection(num_layers, student_heads, teacher_heads, axis=2, rngs=self.rngs, init=init)
 
-  def pre_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> None:
-    """Adds the learned head projection to the student."""
+  def pre_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
+    """Adds the learned head projection to the student; returns ``(student, teacher)``."""
     self._attach_projection(student_model, teacher_model, self.dummy_input)
+    return student_model, teacher_model
 
-  def post_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> None:
-    """Removes the projection: the student is a plain model again."""
+  def post_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
+    """Removes the projection (the student is a plain model again); returns ``(student, teacher)``."""
     self._detach_projection(student_model)
+    return student_model, teacher_model
 
   def extra_trainable_paths(self) -> tuple[str, ...]:
     return (self.projection_name,)
@@ -154,8 +157,8 @@ class AttentionProjectionStrategy(IntermediateStrategy):
           "the projection was built for other models or another dummy_input layout."
       )
     if self.loss_fn is not None:
-      return self.custom_loss(student_maps, teacher, token_mask, _query_weights)
-    return masked_mean((student_maps - teacher) ** 2, _query_weights(token_mask))
+      return self.custom_loss(student_maps, teacher, token_mask)
+    return masked_mean((student_maps - teacher) ** 2, self.token_weights(token_mask, student_maps))
 
 
 __all__ = ["AttentionProjectionStrategy", "AttentionTransferStrategy", "match_attention"]

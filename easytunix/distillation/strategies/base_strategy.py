@@ -47,8 +47,10 @@ from easytunix.distillation.strategies.losses import (
     pooling_matrix,
     stack_layers,
     task_loss,
+    token_weights,
 )
 from easytunix.distillation.strategies.projection import LayerwiseProjection, replicate_on_devices_of
+from easytunix.models.calling import token_mask_of_attention
 
 NUM_TOKENS = "num_tokens"  # the aux key the trainer weights micro-batches by
 
@@ -113,11 +115,16 @@ class BaseStrategy(abc.ABC):
 
   # ---------------------------------------------------------------- model processing
 
-  def pre_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> None:
-    """Prepares the models before training (e.g. adds a projection to the student). Default: nothing."""
+  def pre_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
+    """Prepares the models before training (e.g. adds a projection to the student); returns ``(student, teacher)``.
 
-  def post_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> None:
-    """Reverts :meth:`pre_process_models`, leaving a plain student. Default: nothing."""
+    The models are changed in place and returned, as Tunix's strategies return them. Default: unchanged.
+    """
+    return student_model, teacher_model
+
+  def post_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
+    """Reverts :meth:`pre_process_models`, leaving a plain student; returns ``(student, teacher)``. Default: unchanged."""
+    return student_model, teacher_model
 
   def extra_trainable_paths(self) -> tuple[str, ...]:
     """Attribute names of modules this strategy adds to the student that train with it."""
@@ -198,12 +205,16 @@ class IntermediateStrategy(BaseStrategy):
   """Base of the feature and attention strategies: capture maps from a layer class in both models.
 
   ``loss = alpha * map_loss + (1 - alpha) * task_loss``. The student's output
-  is ``{"logits", <maps_key>, "token_mask"}``; the teacher's is its stacked maps.
-  Subclasses set ``maps_key`` and implement :meth:`map_loss` (and, for learned
-  projections, :meth:`make_projection`).
+  is ``{"logits", <maps_key>}`` plus ``"token_mask"`` [B, T] when the batch says
+  which tokens are real and the maps have a token axis; the teacher's output is
+  its stacked maps. :meth:`compute_loss` takes Tunix's outputs too: no
+  ``token_mask`` (a plain mean) and maps of any shape (e.g. [L, B, D] pooled
+  features of a classifier). Subclasses set ``maps_key`` and implement
+  :meth:`map_loss` (and, for learned projections, :meth:`make_projection`).
   """
 
   maps_key = "features"
+  seq_axis = 2  # the token axis of the stacked maps ([B, L, T, D]) that token_mask weights
   projection_name: str | None = None  # the student's attribute holding the learned projection
 
   def __init__(
@@ -268,19 +279,44 @@ class IntermediateStrategy(BaseStrategy):
             "first (the DistillationTrainer does)."
         )
       maps = projection(self.pool_layers(maps, projection.kernel.shape[0]))
-    token_mask = token_mask_of(inputs, (maps.shape[0], _seq_len(maps, self.maps_key)))
-    return {"logits": logits, self.maps_key: maps, "token_mask": token_mask}
+    out = {"logits": logits, self.maps_key: maps}
+    token_mask = self._token_mask(inputs, maps)
+    if token_mask is not None:
+      out["token_mask"] = token_mask
+    return out
+
+  def _token_mask(self, inputs: Any, maps: jax.Array) -> jax.Array | None:
+    """The batch's real-token mask [B, T] when it fits the maps' token axis (None: weigh every entry)."""
+    if not isinstance(inputs, dict):
+      return None
+    attention = inputs.get("attention_mask")
+    if attention is not None and jnp.ndim(attention) == 3 and jnp.shape(attention)[1] == jnp.shape(attention)[2]:
+      mask = token_mask_of_attention(attention)
+    elif inputs.get("input_mask") is not None:
+      mask = inputs["input_mask"]
+    elif attention is not None and jnp.ndim(attention) == 2:
+      mask = attention
+    else:
+      return None
+    mask = jnp.asarray(mask).astype(jnp.bool_)
+    fits = mask.ndim == 2 and maps.ndim > self.seq_axis and (maps.shape[0], maps.shape[self.seq_axis]) == mask.shape
+    return mask if fits else None
 
   # -------------------------------------------------------------- losses
 
   pool_layers = staticmethod(pool_layers)
 
   @abc.abstractmethod
-  def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array) -> jax.Array:
-    """The distance between the student's and the teacher's maps, over real tokens."""
+  def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+    """The distance between the student's and the teacher's maps, over real tokens (all entries without a mask)."""
 
   def loss_terms(self, student_output: dict[str, jax.Array], teacher_output: jax.Array, labels: Any) -> dict[str, jax.Array]:
-    distill = self.map_loss(student_output[self.maps_key], teacher_output, student_output["token_mask"])
+    if not isinstance(student_output, dict) or "logits" not in student_output or self.maps_key not in student_output:
+      raise TypeError(
+          f"{type(self).__name__}'s student output must be a dict with 'logits' and {self.maps_key!r} "
+          "(and optionally 'token_mask'), as get_student_outputs returns."
+      )
+    distill = self.map_loss(student_output[self.maps_key], teacher_output, student_output.get("token_mask"))
     task = task_loss(student_output["logits"], labels)
     loss = self.alpha * distill + (1.0 - self.alpha) * task
     return {"loss": loss, "task_loss": task, "distill_loss": distill}
@@ -288,10 +324,23 @@ class IntermediateStrategy(BaseStrategy):
   def compute_eval_loss(self, student_output: dict[str, jax.Array], labels: Any) -> jax.Array:
     return task_loss(student_output["logits"], labels)
 
-  def custom_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array, mask_shape: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  def token_weights(self, token_mask: jax.Array | None, maps: jax.Array) -> jax.Array | None:
+    """``token_mask`` [B, T] shaped to broadcast over ``maps`` along :attr:`seq_axis` (None: no mask)."""
+    if token_mask is None:
+      return None
+    if maps.ndim <= self.seq_axis or (maps.shape[0], maps.shape[self.seq_axis]) != tuple(jnp.shape(token_mask)):
+      raise ValueError(
+          f"token_mask {tuple(jnp.shape(token_mask))} does not fit maps {maps.shape} (batch at axis 0, tokens at "
+          f"axis {self.seq_axis}); leave 'token_mask' out of the student output to weigh every entry."
+      )
+    return token_weights(token_mask, maps.ndim, self.seq_axis)
+
+  def custom_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array | None) -> jax.Array:
     """A user's loss function on the maps, with padded positions zeroed in both."""
-    weights = mask_shape(token_mask.astype(jnp.float32))
-    return call_loss_fn(self.loss_fn, student_maps * weights, teacher_maps * weights, token_mask)
+    weights = self.token_weights(token_mask, student_maps)
+    if weights is not None:
+      student_maps, teacher_maps = student_maps * weights, teacher_maps * weights
+    return call_loss_fn(self.loss_fn, student_maps, teacher_maps, token_mask)
 
   # -------------------------------------------------------------- learned projection
 
@@ -326,11 +375,6 @@ class IntermediateStrategy(BaseStrategy):
     name = self.projection_name
     if name is not None and name in vars(student_model):
       delattr(student_model, name)
-
-
-def _seq_len(maps: jax.Array, maps_key: str) -> int:
-  # features [B, L, T, D]: T is axis 2; attention [B, L, H, T, S]: T is axis 3.
-  return maps.shape[2] if maps_key == "features" else maps.shape[3]
 
 
 __all__ = [

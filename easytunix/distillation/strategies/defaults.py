@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from easytunix.models.calling import call_causal_lm
+
 T = TypeVar("T")
 
 ModelForwardCallable = Callable[..., T]
@@ -41,12 +43,16 @@ def default_forward_fn(
     input_tokens: jax.Array,
     input_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
     **_: Any,
 ) -> jax.Array:
-  """The logits [B, T, V] of an easytunix causal LM (padding masked out of attention)."""
-  mask = None if input_mask is None else jnp.asarray(input_mask).astype(jnp.bool_)
-  logits, _ = model(input_tokens, positions=positions, attention_mask=mask)
-  return logits
+  """The logits [B, T, V] of a causal LM called the Tunix way (padding masked out of attention).
+
+  Any ``model(input_tokens, positions, cache, attention_mask) -> (logits, cache)`` works
+  (see :func:`easytunix.models.calling.call_causal_lm`); a causal ``attention_mask``
+  from a Tunix-style ``gen_model_input_fn`` is used as given.
+  """
+  return call_causal_lm(model, input_tokens, input_mask, positions, attention_mask)
 
 
 def default_labels_fn(

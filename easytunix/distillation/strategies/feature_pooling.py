@@ -11,15 +11,13 @@ from flax import nnx
 
 from easytunix.distillation.strategies.base_strategy import IntermediateStrategy
 from easytunix.distillation.strategies.defaults import ModelForwardCallable
-from easytunix.distillation.strategies.losses import adaptive_avg_pool, cosine_distance, masked_mean
+from easytunix.distillation.strategies.losses import cosine_distance, masked_mean, pool_to_common
 
 
 def pool_features(student: jax.Array, teacher: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Average-pools [B, L, T, D] features of both models to the smaller layer count and width."""
-  num_layers = min(student.shape[1], teacher.shape[1])
-  width = min(student.shape[-1], teacher.shape[-1])
-  pool = lambda x: adaptive_avg_pool(adaptive_avg_pool(x, num_layers, 1), width, -1)  # noqa: E731
-  return pool(student), pool(teacher)
+  """Average-pools the features of both models to their common shape: for [B, L, T, D] maps the
+  smaller layer count and width (any rank and layout works: every axis goes to the smaller size)."""
+  return pool_to_common(student, teacher, "features")
 
 
 class FeaturePoolingStrategy(IntermediateStrategy):
@@ -31,6 +29,8 @@ class FeaturePoolingStrategy(IntermediateStrategy):
   averaged) and the smaller width (neighbouring channels averaged); the
   default feature loss is the cosine distance along ``cosine_distance_axis``,
   averaged over real tokens and layers. No parameters are added.
+  :meth:`compute_loss` also takes maps of other shapes (Tunix's [L, B, D] features
+  of a classifier, no ``token_mask``): every axis is pooled to the smaller size.
 
   Args:
     student_forward_fn / teacher_forward_fn / labels_fn: see :class:`BaseStrategy`.
@@ -62,16 +62,17 @@ class FeaturePoolingStrategy(IntermediateStrategy):
     self.feature_layer = feature_layer
     self.cosine_distance_axis = cosine_distance_axis
 
-  def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array) -> jax.Array:
+  def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array | None) -> jax.Array:
     student, teacher = pool_features(student_maps, teacher_maps)
-    token_weights = lambda m: m[:, None, :, None]  # noqa: E731  [B, T] -> [B, 1, T, 1]
     if self.loss_fn is not None:
-      return self.custom_loss(student, teacher, token_mask, token_weights)
+      return self.custom_loss(student, teacher, token_mask)
+    weights = self.token_weights(token_mask, student)
+    if weights is None:
+      return cosine_distance(student, teacher, axis=self.cosine_distance_axis).mean()
     # Padded tokens are zeroed, so a distance taken across tokens ignores them too.
-    weights = jnp.broadcast_to(token_weights(token_mask.astype(jnp.float32)), student.shape)
+    weights = jnp.broadcast_to(weights, student.shape)
     distance = cosine_distance(student * weights, teacher * weights, axis=self.cosine_distance_axis)
-    weights = weights.max(axis=self.cosine_distance_axis)
-    return masked_mean(distance, weights)
+    return masked_mean(distance, weights.max(axis=self.cosine_distance_axis))
 
 
 __all__ = ["FeaturePoolingStrategy", "pool_features"]

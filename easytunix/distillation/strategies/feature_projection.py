@@ -10,7 +10,7 @@ from flax import nnx
 
 from easytunix.distillation.strategies.base_strategy import IntermediateStrategy
 from easytunix.distillation.strategies.defaults import ModelForwardCallable
-from easytunix.distillation.strategies.losses import masked_mean
+from easytunix.distillation.strategies.losses import masked_mean, pool_to_shape
 from easytunix.distillation.strategies.projection import LayerwiseProjection
 
 
@@ -24,6 +24,8 @@ class FeatureProjectionStrategy(IntermediateStrategy):
   ``student.distillation_feature_projection`` (found from a trace of
   ``dummy_input``), so it trains with the student; :meth:`post_process_models`
   removes it. The default feature loss is the mean squared error over real tokens.
+  :meth:`compute_loss` also takes maps of other shapes and no ``token_mask`` (Tunix's
+  outputs): the teacher's maps are average-pooled to the student's shape on every axis.
 
   Args:
     student_forward_fn / teacher_forward_fn / labels_fn: see :class:`BaseStrategy`.
@@ -63,28 +65,30 @@ class FeatureProjectionStrategy(IntermediateStrategy):
     num_layers = min(student_maps.shape[1], teacher_maps.shape[1])
     return LayerwiseProjection(num_layers, student_maps.shape[-1], teacher_maps.shape[-1], axis=-1, rngs=self.rngs)
 
-  def pre_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> None:
-    """Adds the learned projection to the student."""
+  def pre_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
+    """Adds the learned projection to the student; returns ``(student, teacher)``."""
     self._attach_projection(student_model, teacher_model, self.dummy_input)
+    return student_model, teacher_model
 
-  def post_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> None:
-    """Removes the projection: the student is a plain model again."""
+  def post_process_models(self, student_model: nnx.Module, teacher_model: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
+    """Removes the projection (the student is a plain model again); returns ``(student, teacher)``."""
     self._detach_projection(student_model)
+    return student_model, teacher_model
 
   def extra_trainable_paths(self) -> tuple[str, ...]:
     return (self.projection_name,)
 
-  def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array) -> jax.Array:
-    teacher = self.pool_layers(teacher_maps, student_maps.shape[1])
-    if student_maps.shape != teacher.shape:
+  def map_loss(self, student_maps: jax.Array, teacher_maps: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+    try:
+      teacher = pool_to_shape(teacher_maps, student_maps.shape, "teacher features")
+    except ValueError as err:
       raise ValueError(
-          f"Projected student features {student_maps.shape} do not match the teacher's {teacher.shape}; "
+          f"Projected student features {student_maps.shape} do not match the teacher's {teacher_maps.shape} ({err}); "
           "the projection was built for other models or another dummy_input layout."
-      )
-    token_weights = lambda m: m[:, None, :, None]  # noqa: E731
+      ) from None
     if self.loss_fn is not None:
-      return self.custom_loss(student_maps, teacher, token_mask, token_weights)
-    return masked_mean((student_maps - teacher) ** 2, token_weights(token_mask))
+      return self.custom_loss(student_maps, teacher, token_mask)
+    return masked_mean((student_maps - teacher) ** 2, self.token_weights(token_mask, student_maps))
 
 
 __all__ = ["FeatureProjectionStrategy"]

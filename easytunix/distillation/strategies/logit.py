@@ -30,6 +30,12 @@ class LogitStrategy(BaseStrategy):
   (real, completion tokens for :class:`TokenLabels`). Teacher and student must
   share the vocabulary (and the tokenizer).
 
+  Which side ``alpha`` weights follows the API reference this library implements
+  ("``alpha``: the weight for the task loss"). Tunix's code does the opposite,
+  ``alpha * distillation_loss + (1 - alpha) * task_loss``: to port a Tunix script
+  and keep its behaviour, pass ``alpha=1 - tunix_alpha`` (the default 0.5 is the same
+  either way).
+
   Args:
     student_forward_fn / teacher_forward_fn / labels_fn: see :class:`BaseStrategy`.
     temperature: softening temperature (> 0).

@@ -99,6 +99,35 @@ def pool_layers(maps: jax.Array, num_layers: int) -> jax.Array:
   return adaptive_avg_pool(maps, num_layers, axis=1)
 
 
+def pool_to_shape(x: jax.Array, shape: tuple[int, ...], what: str = "maps") -> jax.Array:
+  """Average-pools every axis of ``x`` down to ``shape`` (same rank; no axis may grow)."""
+  if x.ndim != len(shape):
+    raise ValueError(f"Cannot pool {what} of shape {x.shape} to {tuple(shape)}: the ranks differ.")
+  for axis, (size, target) in enumerate(zip(x.shape, shape)):
+    if size < target:
+      raise ValueError(f"Cannot pool {what} of shape {x.shape} to {tuple(shape)}: axis {axis} would grow.")
+    x = adaptive_avg_pool(x, target, axis)
+  return x
+
+
+def pool_to_common(a: jax.Array, b: jax.Array, what: str = "maps") -> tuple[jax.Array, jax.Array]:
+  """Average-pools both arrays to their common (per-axis smallest) shape; any rank, any layout."""
+  if a.ndim != b.ndim:
+    raise ValueError(f"The student's {what} {a.shape} and the teacher's {b.shape} have different ranks.")
+  common = tuple(min(x, y) for x, y in zip(a.shape, b.shape))
+  return pool_to_shape(a, common, what), pool_to_shape(b, common, what)
+
+
+def token_weights(token_mask: jax.Array | None, ndim: int, seq_axis: int) -> jax.Array | None:
+  """A [B, T] mask reshaped to broadcast over [B, ..., T (at seq_axis), ...] maps (None stays None)."""
+  if token_mask is None:
+    return None
+  mask = jnp.asarray(token_mask).astype(jnp.float32)
+  shape = [1] * ndim
+  shape[0], shape[seq_axis] = mask.shape[0], mask.shape[1]
+  return mask.reshape(shape)
+
+
 def stack_layers(values: list[jax.Array], what: str) -> jax.Array:
   """Stacks per-layer arrays [B, ...] into [B, L, ...] (they must share a shape)."""
   shapes = {tuple(v.shape) for v in values}
@@ -110,7 +139,7 @@ def stack_layers(values: list[jax.Array], what: str) -> jax.Array:
   return jnp.stack(values, axis=1)
 
 
-def call_loss_fn(fn: Callable[..., jax.Array], student: jax.Array, teacher: jax.Array, mask: jax.Array) -> jax.Array:
+def call_loss_fn(fn: Callable[..., jax.Array], student: jax.Array, teacher: jax.Array, mask: jax.Array | None) -> jax.Array:
   """Calls a user's loss ``fn(student, teacher)`` (or ``fn(student, teacher, mask=...)`` when it takes a mask)."""
   try:
     takes_mask = "mask" in inspect.signature(fn).parameters
@@ -136,7 +165,10 @@ __all__ = [
     "label_mask",
     "masked_mean",
     "pool_layers",
+    "pool_to_common",
+    "pool_to_shape",
     "pooling_matrix",
     "stack_layers",
     "task_loss",
+    "token_weights",
 ]

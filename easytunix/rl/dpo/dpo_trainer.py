@@ -46,6 +46,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from easytunix.layers.cache import positions_from_mask
+from easytunix.models.calling import call_causal_lm
 from easytunix.rl.dpo.data import (
     DpoDataset,
     TrainingInput,
@@ -120,12 +122,21 @@ class DpoTrainingConfig(TrainingConfig):
 class TrainExample:
   """What the loss sees: chosen rows then rejected rows, each ``[prompt | response]``.
 
+  Tunix's fields, in our order (keywords work for both). The model is called as
+  ``model(input_ids, positions, None, attention_mask)`` (see
+  :func:`easytunix.models.calling.call_causal_lm`).
+
   Attributes:
     input_ids: [2B, T] token ids (rows 0..B-1 chosen, B..2B-1 rejected).
-    attention_mask: [2B, T] 1 for real tokens.
-    completion_mask: [2B, T] 1 for the response tokens whose log-probs count.
+    attention_mask: [2B, T] 1 for real tokens (kept factored for easytunix models), or a
+      causal [2B, T, T] mask as Tunix builds it.
+    completion_mask: 1 for the response tokens whose log-probs count: [2B, T], or
+      [2B, logits_to_keep] covering the last ``logits_to_keep`` columns (Tunix's layout).
     ref_chosen_logps: [B] summed reference log-probs of the chosen responses.
     ref_rejected_logps: [B] the same for the rejected ones.
+    positions: [2B, T] position ids (None: counted from each row's first real token).
+    logits_to_keep: how many trailing columns hold responses (a static int): only their
+      log-probs are computed (None: every column).
   """
 
   input_ids: jax.Array
@@ -133,15 +144,22 @@ class TrainExample:
   completion_mask: jax.Array
   ref_chosen_logps: jax.Array
   ref_rejected_logps: jax.Array
+  positions: jax.Array | None = None
+  logits_to_keep: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def _pad_columns(x: jax.Array, width: int) -> jax.Array:
   return x if x.shape[1] == width else jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
 
 
+def response_width(batch: TrainingInput) -> int:
+  """The response columns of :func:`pair_rows`' rows (the wider of chosen and rejected): ``logits_to_keep``."""
+  return int(max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1]))
+
+
 def pair_rows(batch: TrainingInput) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(input_ids, attention_mask, completion_mask)`` [2B, P + R] of a batch: chosen rows, then rejected rows."""
-  width = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
+  width = response_width(batch)
   prompt_ids = jnp.asarray(batch.prompt_ids, jnp.int32)
   prompt_mask = jnp.asarray(batch.prompt_mask).astype(jnp.bool_)
   ids, attention, completion = [], [], []
@@ -165,17 +183,39 @@ def to_train_example(batch: TrainingInput) -> TrainExample:
       completion_mask=completion_mask,
       ref_chosen_logps=jnp.asarray(batch.ref_chosen_logps, jnp.float32),
       ref_rejected_logps=jnp.asarray(batch.ref_rejected_logps, jnp.float32),
+      positions=positions_from_mask(attention_mask),
+      logits_to_keep=response_width(batch),
   )
 
 
 def sequence_logps(
-    model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, completion_mask: jax.Array
+    model: nnx.Module,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    completion_mask: jax.Array,
+    positions: jax.Array | None = None,
+    logits_to_keep: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Per row: the summed log-probs of the completion tokens, and how many there are ([N], [N])."""
+  """Per row: the summed log-probs of the completion tokens, and how many there are ([N], [N]).
+
+  ``attention_mask`` is [N, T] (padding) or [N, T, T] (causal); ``completion_mask`` is
+  [N, T] or [N, logits_to_keep] (see :class:`TrainExample`).
+  """
+  input_ids = jnp.asarray(input_ids)
   attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
-  logits, _ = model(input_ids, attention_mask=attention_mask)
-  logps = token_log_probs(logits[:, :-1], input_ids[:, 1:])
-  mask = attention_mask[:, 1:] & jnp.asarray(completion_mask[:, 1:]).astype(jnp.bool_)
+  completion_mask = jnp.asarray(completion_mask).astype(jnp.bool_)
+  t, width = input_ids.shape[1], completion_mask.shape[1]
+  keep = logits_to_keep if logits_to_keep is not None else (width if width < t else t - 1)
+  if not 0 < keep < t or width not in (t, keep):
+    raise ValueError(
+        f"completion_mask [N, {width}] does not fit input_ids [N, {t}] with logits_to_keep={logits_to_keep}: it "
+        "covers every column (width T) or the last logits_to_keep columns (0 < logits_to_keep < T)."
+    )
+  logits = call_causal_lm(model, input_ids, positions=positions, attention_mask=attention_mask)
+  logps = token_log_probs(logits[:, -keep - 1 : -1], input_ids[:, -keep:])
+  mask = completion_mask[:, -keep:]
+  if attention_mask.ndim == 2:
+    mask = mask & attention_mask[:, -keep:]
   return jnp.where(mask, logps, 0.0).sum(-1), mask.sum(-1).astype(jnp.float32)
 
 
@@ -185,12 +225,15 @@ def compute_logps(
     attention_mask: jax.Array,
     completion_mask: jax.Array,
     average_log_prob: bool = False,
+    *,
+    positions: jax.Array | None = None,
+    logits_to_keep: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """``(chosen_logps, rejected_logps)`` [B] of rows laid out as chosen then rejected (one forward pass).
 
   Each is the sum of the response tokens' log-probs (their mean with ``average_log_prob``).
   """
-  sums, counts = sequence_logps(model, input_ids, attention_mask, completion_mask)
+  sums, counts = sequence_logps(model, input_ids, attention_mask, completion_mask, positions, logits_to_keep)
   values = sums / jnp.maximum(counts, 1.0) if average_log_prob else sums
   half = input_ids.shape[0] // 2
   return values[:half], values[half:]
@@ -266,8 +309,8 @@ def preference_loss(
   aux = {
       "rewards/chosen": mean(reward_c),
       "rewards/rejected": mean(reward_r),
-      "rewards/margin": mean(reward_c - reward_r),
-      "rewards/accuracy": mean((reward_c > reward_r).astype(jnp.float32)),
+      "rewards/margins": mean(reward_c - reward_r),
+      "rewards/accuracies": mean((reward_c > reward_r).astype(jnp.float32)),
       "logps/chosen": mean(pc),
       "logps/rejected": mean(pr),
       **extra,
@@ -286,12 +329,14 @@ def dpo_loss_fn(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The preference loss of ``model`` on a :class:`TrainExample`: one forward pass over chosen and rejected rows.
 
-  Returns ``(loss, aux)`` with ``rewards/{chosen,rejected,margin,accuracy}``,
+  Returns ``(loss, aux)`` with ``rewards/{chosen,rejected,margins,accuracies}`` (TRL's names),
   ``logps/{chosen,rejected}`` and ``num_tokens`` (real pairs); see
   :func:`preference_loss` and the module docstring for the formulas.
   """
   ex = train_example
-  sums, counts = sequence_logps(model, ex.input_ids, ex.attention_mask, ex.completion_mask)
+  sums, counts = sequence_logps(
+      model, ex.input_ids, ex.attention_mask, ex.completion_mask, ex.positions, ex.logits_to_keep
+  )
   half = sums.shape[0] // 2
   return preference_loss(
       sums[:half], sums[half:], ex.ref_chosen_logps, ex.ref_rejected_logps, counts[:half], counts[half:],
@@ -384,11 +429,12 @@ class DpoTrainer(PeftTrainer):
         self.num_ref_traces += 1
         model = nnx.merge(graphdef, state)
         input_ids, attention_mask, completion_mask = pair_rows(batch)
+        args = (input_ids, attention_mask, completion_mask, None, response_width(batch))
         if adapters_off:
           with lora_disabled(model):
-            sums, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)
+            sums, _ = sequence_logps(model, *args)
         else:
-          sums, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)
+          sums, _ = sequence_logps(model, *args)
         sums = jax.lax.stop_gradient(sums)
         half = input_ids.shape[0] // 2
         return sums[:half], sums[half:]
@@ -485,6 +531,7 @@ __all__ = [
     "pair_rows",
     "preference_loss",
     "process_dpo_record",
+    "response_width",
     "sequence_logps",
     "to_train_example",
 ]

@@ -11,6 +11,7 @@ class DpoRecipe(Recipe):
   name = "dpo"
   options = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "max_prompt_length": None,
              "use_chat_template": False, "ref_model": None}
+  main_metric = "rewards/accuracies"
 
   def batches(self, model, settings, records, batch_size, *, shuffle, seed, name):
     from easytunix.rl.dpo.data import dpo_batches

@@ -5,7 +5,8 @@ One GRPO step, for a batch of B prompts:
 1. **Rollout**: each prompt is completed ``num_generations`` (G) times by the
    rollout sampler (temperature sampling).
 2. **Rewards**: every reward function scores every completion
-   (``fn(prompts, completions, **columns) -> list[float]``); the weighted sum is the reward.
+   (called with keywords, as TRL: ``fn(prompts=..., completions=..., completion_ids=..., **columns)``
+   ``-> list[float]``); the weighted sum is the reward.
 3. **Advantages**, relative to the group of G completions of the same prompt:
    ``A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)`` (std with ddof=1, as TRL).
 4. **Log-probs** outside the gradient: the reference's (for the KL penalty,
@@ -251,28 +252,58 @@ def _fn_name(fn: Any) -> str:
   return getattr(fn, "__name__", None) or type(fn).__name__
 
 
+def _is_conversation(prompt: Any) -> bool:
+  return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
 def compute_rewards(
     reward_fns: Sequence[RewardFn],
     prompts: Sequence[Any],
     completions: Sequence[str],
     columns: dict[str, Sequence[Any]] | None = None,
+    completion_ids: Any = None,
+    completion_mask: Any = None,
 ) -> np.ndarray:
-  """Every function's rewards [N, F] (float32), each checked: a failure names the function."""
-  columns = columns or {}
-  out = np.zeros((len(completions), len(reward_fns)), np.float32)
+  """Every function's rewards [N, F] (float32), each checked: a failure names the function.
+
+  Each function is called with keywords, as TRL calls them:
+  ``fn(prompts=..., completions=..., completion_ids=..., **columns)``, so both
+  ``def reward(completions, **kwargs)`` and ``def reward(prompts, completions, answer, **kwargs)``
+  work. When the prompts are conversations (lists of ``{"role", "content"}`` messages), each
+  completion is passed as ``[{"role": "assistant", "content": text}]``, as TRL does.
+  ``completion_ids`` (lists of generated token ids, EOS included) is passed when known: an
+  [N, C] array is cut to each row's ``completion_mask``. Columns named ``prompt``, ``completion``
+  or ``completion_ids`` are not passed (TRL's rule: they would clash with the arguments).
+  """
+  columns = {k: list(v) for k, v in (columns or {}).items() if k not in ("prompt", "completion", "completion_ids")}
+  prompts, texts = list(prompts), list(completions)
+  conversational = bool(prompts) and _is_conversation(prompts[0])
+  shown = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+  arguments: dict[str, Any] = {"prompts": prompts, "completions": shown}
+  if completion_ids is not None:
+    if completion_mask is not None:
+      ids, mask = np.asarray(completion_ids), np.asarray(completion_mask).astype(bool)
+      arguments["completion_ids"] = [row[m].tolist() for row, m in zip(ids, mask)]
+    else:
+      arguments["completion_ids"] = [list(np.asarray(row).tolist()) for row in completion_ids]
+  out = np.zeros((len(texts), len(reward_fns)), np.float32)
   for j, fn in enumerate(reward_fns):
     name = _fn_name(fn)
     try:
-      values = fn(list(prompts), list(completions), **columns)
+      values = fn(**arguments, **columns)
     except Exception as err:
-      raise RuntimeError(f"Reward function {name!r} raised {type(err).__name__}: {err}") from err
+      raise RuntimeError(
+          f"Reward function {name!r} raised {type(err).__name__}: {err}. Reward functions are called with "
+          f"keywords {sorted([*arguments, *columns])}; accept the ones you need and **kwargs "
+          "(e.g. def reward(completions, **kwargs))."
+      ) from err
     try:
       values = np.asarray(list(values), np.float64)
     except (TypeError, ValueError) as err:
       raise TypeError(f"Reward function {name!r} must return a list of numbers, one per completion ({err}).") from err
-    if values.shape != (len(completions),):
+    if values.shape != (len(texts),):
       raise ValueError(
-          f"Reward function {name!r} returned {values.size} value(s) for {len(completions)} completions; "
+          f"Reward function {name!r} returned {values.size} value(s) for {len(texts)} completions; "
           "it must return one number per completion."
       )
     if not np.all(np.isfinite(values)):
@@ -396,7 +427,8 @@ class GrpoLearner:
   Args:
     rl_cluster: the :class:`RLCluster` (actor, rollout, reference, tokenizer, training config).
     reward_fns: one reward function or a list; each is called as
-      ``fn(prompts, completions, **columns) -> list[float]`` where ``columns``
+      ``fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float]`` (keywords, as
+      TRL calls them; see :func:`compute_rewards`) where ``columns``
       are the batch's other entries (e.g. ``answer``), repeated per completion.
     grpo_config: a :class:`GrpoConfig`.
 
@@ -417,7 +449,7 @@ class GrpoLearner:
       raise TypeError(f"grpo_config must be a GrpoConfig, got {type(grpo_config).__name__}.")
     fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
     if not fns:
-      raise ValueError("GRPO needs at least one reward function: fn(prompts, completions, **columns) -> list[float].")
+      raise ValueError("GRPO needs at least one reward function: fn(completions, **kwargs) -> list[float].")
     for fn in fns:
       if not callable(fn):
         raise TypeError(f"Reward functions must be callables, got {fn!r}.")
@@ -481,7 +513,8 @@ class GrpoLearner:
     rollout = cluster.rollout(repeated_ids, seed=seed, width=width)
     repeated_prompts = [p for p in prompts for _ in range(g)]
     repeated_columns = {k: [v for v in values for _ in range(g)] for k, values in columns.items()}
-    rewards = compute_rewards(self.reward_fns, repeated_prompts, rollout.text, repeated_columns)
+    rewards = compute_rewards(self.reward_fns, repeated_prompts, rollout.text, repeated_columns,
+                              completion_ids=rollout.completion_ids, completion_mask=rollout.completion_mask)
     total = rewards @ self.reward_weights
     advantages = compute_advantages(total, g)
     reward_start = time.perf_counter()
@@ -594,7 +627,7 @@ class GrpoLearner:
           top_p=config.top_p if temperature else None, top_k=config.top_k if temperature else None,
           eos_tokens=cluster.eos_tokens(), seed=int(self._eval_rng.integers(0, 2**31 - 1)),
       )
-      rewards = compute_rewards(self.reward_fns, prompts, out.text, columns)
+      rewards = compute_rewards(self.reward_fns, prompts, out.text, columns, completion_ids=out.tokens)
       totals += float((rewards @ self.reward_weights).sum())
       per_fn += rewards.sum(0)
       count += len(prompts)

@@ -30,7 +30,8 @@ def tokenize_prompts(records: list[dict[str, Any]], tokenizer: Any, max_prompt_l
                      use_chat_template: bool, name: str) -> list[dict[str, Any]]:
   """Adds each record's prompt token ids (``PROMPT_IDS``), chat-rendered when asked or when the prompt is messages.
 
-  ``prompt`` becomes the text reward functions see (the last message's content for a conversation).
+  ``prompt`` stays what reward functions see, as TRL passes it: the text, or the list of messages
+  of a conversational prompt.
   """
   from easytunix.rl.grpo.grpo_learner import PROMPT_IDS
 
@@ -38,11 +39,10 @@ def tokenize_prompts(records: list[dict[str, Any]], tokenizer: Any, max_prompt_l
   for index, record in enumerate(records):
     prompt = record["prompt"]
     if isinstance(prompt, str) and not use_chat_template:
-      ids, text = tokenizer.encode(prompt), prompt
+      ids = tokenizer.encode(prompt)
     else:
       messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
       ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-      text = prompt if isinstance(prompt, str) else messages[-1].get("content", "")
     if not ids:
       raise ValueError(f"{name}: record {index} has an empty prompt.")
     if len(ids) > max_prompt_length:
@@ -50,7 +50,7 @@ def tokenize_prompts(records: list[dict[str, Any]], tokenizer: Any, max_prompt_l
           f"{name}: record {index}'s prompt has {len(ids)} tokens, more than max_length - max_new_tokens = "
           f"{max_prompt_length}. Raise compile(max_length=...) or shorten the prompt."
       )
-    prepared.append({**record, "prompt": text, PROMPT_IDS: list(ids)})
+    prepared.append({**record, PROMPT_IDS: list(ids)})
   return prepared
 
 
@@ -62,7 +62,7 @@ class GrpoRecipe(Recipe):
              "epsilon": 0.2, "loss_algo": "grpo", "max_new_tokens": 32, "temperature": 0.9, "top_p": 1.0,
              "top_k": None, "async_rollout": True, "use_chat_template": False, "ref_model": None,
              "rollout_engine": "vanilla"}
-  epoch_metrics = ("reward", "kl")
+  main_metric = "reward"
 
   @staticmethod
   def learner_settings(settings: RecipeSettings) -> dict[str, Any]:
@@ -86,8 +86,10 @@ class GrpoRecipe(Recipe):
     fns = o["reward_fns"]
     if fns is None or (isinstance(fns, list) and not fns):
       raise ValueError(
-          "compile(trainer='grpo') needs reward_fns: functions fn(prompts, completions, **columns) -> list[float], "
-          "e.g. reward_fns=[easytunix.rl.grpo.rewards.exact_match]."
+          "compile(trainer='grpo') needs reward_fns: functions called with keywords as TRL calls them, "
+          "fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float], e.g. "
+          "def reward_len(completions, **kwargs): return [-abs(20 - len(c)) for c in completions], "
+          "or reward_fns=[easytunix.rl.grpo.rewards.exact_match]."
       )
     for fn in fns if isinstance(fns, list) else [fns]:
       if not callable(fn):
