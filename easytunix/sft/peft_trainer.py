@@ -312,6 +312,7 @@ class _Pending:
   metrics: dict[str, Any]
   start: float
   end: float | None = None  # when the next step was dispatched (this one was done by then)
+  compiled: bool = False  # the call traced and compiled the train step: its time is not a throughput
 
 
 class PeftTrainer:
@@ -702,7 +703,7 @@ class PeftTrainer:
     logged = {k: v for k, v in values.items() if k not in (NUM_TOKENS, "input_tokens")}
     if self.reports_perplexity:
       logged["perplexity"] = perplexity(values["loss"])
-    if elapsed > 0 and values.get("input_tokens"):
+    if elapsed > 0 and values.get("input_tokens") and not pending.compiled:
       logged["tokens_per_second"] = values["input_tokens"] / elapsed
     logged["step_time"] = elapsed
     self.metrics_logger.log_dict(logged, pending.step, mode="train")
@@ -891,12 +892,13 @@ class PeftTrainer:
         start = time.perf_counter()
         if self._pending is not None:
           self._pending.end = start
+        traces = self.num_train_step_traces
         trainable, self._opt_state, metrics = train_step(trainable, self._opt_state, frozen, batch)
         self._live.set(trainable)
         self._train_steps += 1
         self._data_position = position
         self._read_pending()
-        self._pending = _Pending(self._train_steps, metrics, start)
+        self._pending = _Pending(self._train_steps, metrics, start, compiled=self.num_train_step_traces > traces)
         self.step_metrics = metrics
         self._save_checkpoint()
         if config.eval_every_n_steps and self._train_steps % config.eval_every_n_steps == 0:
