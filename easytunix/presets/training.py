@@ -367,12 +367,6 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
         batch_size: int, validation_data: Any, callbacks: list | None, shuffle: bool, seed: int,
         verbose: int, validation_split: float = 0.0) -> callbacks_lib.History:
   validation_lib.check_fit_args(epochs=epochs, steps=steps, batch_size=batch_size, seed=seed, shuffle=shuffle)
-  if epochs is None or epochs <= 0:
-    raise ValueError(f"epochs must be a positive int, got {epochs!r}.")
-  if steps is not None and steps <= 0:
-    raise ValueError(f"steps must be a positive int or None, got {steps!r}.")
-  if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size!r}.")
   if verbose not in (0, 1, 2):
     raise ValueError(f"verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {verbose!r}.")
   check_batch_size(model, batch_size)
