@@ -45,4 +45,7 @@ class Embedder(nnx.Module):
     return x
 
   def decode(self, x: jax.Array) -> jax.Array:
-    return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+    # One 2-D matmul over all positions: XLA:CPU transposes [B, T, ...] gradients into another layout
+    # for batched 3-D operands; on every backend the reshapes are free.
+    rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    return (rows @ self.embedding[...].astype(self.dtype).T).reshape(*x.shape[:-1], self.vocab_size)
