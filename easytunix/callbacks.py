@@ -12,6 +12,9 @@ Every method has a no-op default, so a callback overrides only what it needs::
 each batch; the epoch means of every metric, and ``val_*`` for validation, after
 each epoch. To stop training, a callback sets ``self.model.stop_training = True``.
 The facade drives these through the core trainer's ``TrainingHooks``.
+
+With several processes (``easytunix.distributed``) every process runs its callbacks with the
+same logs; the built-in ones that write (progress output, CSV, TensorBoard) write on process 0 only.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+
+from easytunix.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +163,8 @@ class TerminateOnNaN(Callback):
   def on_train_batch_end(self, batch, logs=None):
     loss = (logs or {}).get("loss")
     if loss is not None and not math.isfinite(loss):
-      print(f"Batch {batch}: invalid loss {loss}, terminating training.")
+      if is_main_process():
+        print(f"Batch {batch}: invalid loss {loss}, terminating training.")
       self.model.stop_training = True
 
 
@@ -312,10 +318,12 @@ class CSVLogger(Callback):
 
   def on_train_begin(self, logs=None):
     self._keys = None
-    if not self.append and self.filename.exists():
+    if not self.append and self.filename.exists() and is_main_process():
       self.filename.unlink()
 
   def on_epoch_end(self, epoch, logs=None):
+    if not is_main_process():  # one file per job
+      return
     logs = dict(logs or {})
     new = not self.filename.exists() or self.filename.stat().st_size == 0
     if self._keys is None:
@@ -344,10 +352,12 @@ class TensorBoard(Callback):
   def on_train_begin(self, logs=None):
     from tensorboardX import SummaryWriter
 
-    self.writer = SummaryWriter(self.log_dir)
+    self.writer = SummaryWriter(self.log_dir) if is_main_process() else None  # one event file per job
     self._step = 0
 
   def _write(self, prefix: str, logs: Logs, step: int) -> None:
+    if self.writer is None:
+      return
     for key, value in logs.items():
       if isinstance(value, (int, float)) and math.isfinite(float(value)):
         self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
@@ -360,7 +370,8 @@ class TensorBoard(Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     self._write("epoch", dict(logs or {}), epoch)
-    self.writer.flush()
+    if self.writer is not None:
+      self.writer.flush()
 
   def on_train_end(self, logs=None):
     if self.writer is not None:
@@ -400,7 +411,9 @@ class ProgbarLogger(Callback):
     return self.stream if self.stream is not None else sys.stdout
 
   def write(self, text: str) -> None:
-    """Prints ``text`` as its own line, above the bar when one is drawn."""
+    """Prints ``text`` as its own line, above the bar when one is drawn (on process 0 only)."""
+    if not is_main_process():
+      return
     if self._bar is not None:
       self._bar.write(text, file=self._out)
     else:
@@ -412,7 +425,7 @@ class ProgbarLogger(Callback):
 
   def on_epoch_begin(self, epoch, logs=None):
     self._start, self._done = time.perf_counter(), 0
-    if self.params.get("verbose", 1) == 1 and _interactive(self._out):
+    if self.params.get("verbose", 1) == 1 and _interactive(self._out) and is_main_process():
       from tqdm.auto import tqdm
 
       self._bar = tqdm(total=self.params.get("steps"), desc=self._title(epoch), unit="step", leave=True,
@@ -442,7 +455,7 @@ class ProgbarLogger(Callback):
       self._bar.close()
       self._bar = None
       return
-    if not self.params.get("verbose", 1):
+    if not self.params.get("verbose", 1) or not is_main_process():
       return
     seconds = time.perf_counter() - self._start
     rest = {k: v for k, v in logs.items() if k not in shown and k != "step" and isinstance(v, float)}
@@ -480,7 +493,7 @@ class SampleGenerations(Callback):
 
   def on_train_begin(self, logs=None):
     self._step = 0
-    if self.log_dir is not None:
+    if self.log_dir is not None and is_main_process():
       from tensorboardX import SummaryWriter
 
       self._writer = SummaryWriter(str(self.log_dir))
@@ -489,7 +502,7 @@ class SampleGenerations(Callback):
     texts = self.model.generate(self.prompts, max_length=self.max_length, **self.generate_kwargs)
     for prompt, text in zip(self.prompts, texts):
       self.samples.append((self._step, prompt, text))
-      if self.print_fn is not None:
+      if self.print_fn is not None and is_main_process():
         self.print_fn(f"[step {self._step}] {prompt!r} -> {text!r}")
       if self._writer is not None:
         self._writer.add_text("samples", f"**{prompt}** {text}", self._step)

@@ -219,16 +219,23 @@ def init_student_from_teacher(teacher: nnx.Module, *, rngs: nnx.Rngs | None = No
   Every parameter whose path and shape the teacher shares (embeddings, the first
   layers, the final norm) starts as a copy of the teacher's; the rest is random
   (``rngs``, default ``nnx.Rngs(0)``). A student that shares the teacher's
-  vocabulary and tokenizer, as logit distillation needs.
+  vocabulary and tokenizer, as logit distillation needs. A teacher kernel that is
+  quantized (QLoRA) is copied dequantized, in the student's dtype.
   """
+  from easytunix.layers.quantization import quantized_kernels
+
   config = teacher.config.replace(**config_overrides)
   student = type(teacher)(config, rngs=rngs if rngs is not None else nnx.Rngs(0))
   teacher_params = dict(nnx.to_flat_state(nnx.state(teacher, nnx.Param)))
+  teacher_quantized = quantized_kernels(teacher)
   state = nnx.state(student, nnx.Param)
   for path, variable in nnx.to_flat_state(state):
     source = teacher_params.get(path)
     if source is not None and source.shape == variable.shape and source.dtype == variable.dtype:
       variable.set_value(jax.numpy.array(source.get_value(), copy=True))
+    quantized = teacher_quantized.get(".".join(str(p) for p in path))
+    if quantized is not None and quantized.shape == variable.shape:
+      variable.set_value(quantized.dequantize(variable.dtype))
   nnx.update(student, state)
   return student
 

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from easytunix.generate.base_sampler import BaseSampler, SamplerOutput
 from easytunix.generate.utils import check_steps
+from easytunix.layers.quantization import QuantizedWeight
 from easytunix.models.loader import NameRule, checkpoint_items, model_params, normalize_name
 
 logger = logging.getLogger(__name__)
@@ -371,6 +372,11 @@ class VllmSampler(BaseSampler):
           raise ValueError(
               f"update_params got LoRA adapter {name}; pass the model itself so the adapters are folded "
               "into the kernels with their scale (update_params(model))."
+          )
+        if isinstance(leaf, QuantizedWeight) or name.endswith((".kernel.codes", ".kernel.scales")):
+          raise ValueError(
+              f"update_params got quantized weights {name}; pass the model itself so quantized kernels are "
+              "sent dequantized (update_params(model))."
           )
         items.append((name, leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf))
       return items

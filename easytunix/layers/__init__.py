@@ -7,6 +7,7 @@ from easytunix.layers.linear import Linear
 from easytunix.layers.mlp import MLP
 from easytunix.layers.moe import MoELayer
 from easytunix.layers.norm import RMSNorm
+from easytunix.layers.quantization import QuantizedKernel, QuantizedWeight
 from easytunix.layers.rope import RopeConfig, apply_rope, rope_inv_freq
 from easytunix.layers.sharding import ShardingConfig, partition_specs, shard_model
 
@@ -19,6 +20,8 @@ __all__ = [
     "Linear",
     "MLP",
     "MoELayer",
+    "QuantizedKernel",
+    "QuantizedWeight",
     "RMSNorm",
     "RopeConfig",
     "ShardingConfig",

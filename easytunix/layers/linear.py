@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from easytunix.layers.quantization import QuantizedKernel
+
 
 class Linear(nnx.Module):
   """``y = x @ kernel (+ bias) (+ scale * (x @ lora_a) @ lora_b)``.
@@ -13,6 +15,10 @@ class Linear(nnx.Module):
   The kernel is stored [in, out]. LoRA adapters are absent until
   ``easytunix.sft.lora.apply_lora`` adds them; then ``lora_a``/``lora_b`` are
   ``nnx.LoRAParam`` variables, so state filters can tell them from base weights.
+  ``easytunix.sft.lora.quantize_base`` replaces the kernel by a frozen
+  :class:`~easytunix.layers.quantization.QuantizedKernel` (QLoRA); it is then
+  dequantized on the fly, in the compute dtype, at every call (and again in the
+  backward pass, rather than kept in memory until then).
   """
 
   def __init__(
@@ -42,11 +48,24 @@ class Linear(nnx.Module):
     self.lora_b: nnx.LoRAParam | None = None
     self.lora_scale: float = 0.0
 
+  @property
+  def quantized(self) -> bool:
+    """Whether the kernel is a frozen :class:`QuantizedKernel` (see ``easytunix.sft.lora.quantize_base``)."""
+    return isinstance(self.kernel, QuantizedKernel)
+
   def merged_kernel(self) -> jax.Array:
     """The kernel with the adapters folded in (``kernel + scale * lora_a @ lora_b``, summed in float32).
 
-    Without adapters, the kernel itself. The module is not changed.
+    Without adapters, the kernel itself. A quantized kernel is dequantized (in float32) and
+    the result has the kernel's dtype from before quantization: full precision. The module
+    is not changed.
     """
+    if self.quantized:
+      base = self.kernel.dequantize(jnp.float32)
+      if self.lora_a is None:
+        return base.astype(self.kernel.param_dtype)
+      delta = (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.lora_scale
+      return (base + delta).astype(self.kernel.param_dtype)
     kernel = self.kernel[...]
     if self.lora_a is None:
       return kernel
@@ -54,11 +73,18 @@ class Linear(nnx.Module):
     return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
-    y = x @ self.kernel[...].astype(self.dtype)
+    # Every product is a 2-D matmul over the flattened leading axes: with [B, T, in] operands
+    # XLA:CPU copies the backward pass's [B, T, out] gradients into a transposed layout for the
+    # weight-gradient dots (about half of a LoRA step's time went there); reshapes are free.
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    if self.quantized:
+      y = self.kernel.matmul(x, self.dtype)
+    else:
+      y = x @ self.kernel[...].astype(self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
       lora = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
       y = y + lora * jnp.asarray(self.lora_scale, self.dtype)
-    return y
+    return y.reshape(*lead, y.shape[-1])

@@ -104,6 +104,44 @@ def variable_sharding(
   return NamedSharding(mesh, spec)
 
 
+def divisible_axes(shape: tuple[int, ...], axes: Axes | None, mesh: Mesh | None) -> Axes:
+  """``axes`` (padded to the rank of ``shape``), each mesh axis that does not divide its dimension set to None.
+
+  For arrays derived from a sharded one but smaller along a dimension (the codes and
+  scales of a quantized kernel): they keep the kernel's layout where it fits and are
+  replicated along the other dimensions. Without a mesh, ``axes`` as they are.
+  """
+  axes = tuple(axes or ())
+  axes = (axes + (None,) * len(shape))[: len(shape)]
+  mesh = as_mesh(mesh)
+  if mesh is None:
+    return axes
+  spec = _spec_for_mesh(axes, mesh)
+  out = []
+  for dim, axis, placed in zip(shape, axes, spec):
+    if placed is not None:
+      size = int(np.prod([mesh.shape[a] for a in (placed if isinstance(placed, tuple) else (placed,))]))
+      if dim % size:
+        axis = None
+    out.append(axis)
+  return tuple(out)
+
+
+def variable_placement(path: str, var: nnx.Variable, mesh: Mesh | None) -> jax.sharding.Sharding | None:
+  """The NamedSharding of variable ``var`` on ``mesh`` from its ``partition`` metadata (None without a mesh).
+
+  A variable whose metadata sets ``replicate_indivisible`` (quantized codes and scales)
+  is replicated along axes that do not divide it; any other raises, as
+  :func:`variable_sharding` does.
+  """
+  value = var[...]
+  meta = var.get_metadata()
+  axes = meta.get("partition")
+  if meta.get("replicate_indivisible"):
+    axes = divisible_axes(tuple(value.shape), axes, mesh)
+  return variable_sharding(path, tuple(value.shape), axes, mesh)
+
+
 def path_str(path: tuple) -> str:
   """'layers.0.attn.q_proj.kernel' for an nnx state path."""
   return ".".join(str(p) for p in path)
@@ -114,10 +152,26 @@ def partition_specs(model: nnx.Module, mesh: Mesh | None = None) -> dict[str, Pa
   out = {}
   for path, var in nnx.iter_graph(model):
     if isinstance(var, nnx.Variable):
-      axes = var.get_metadata().get("partition")
+      meta = var.get_metadata()
+      axes = meta.get("partition")
       if axes is not None:
+        if meta.get("replicate_indivisible"):
+          axes = divisible_axes(tuple(var.get_value().shape), axes, mesh)
         out[path_str(path)] = _spec_for_mesh(tuple(axes), mesh)
   return out
+
+
+def place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """``jax.device_put(value, sharding)``, also for a sharding whose devices span several processes.
+
+  Across processes every process passes the same whole ``value`` (a host array or a process-local
+  one) and each keeps only its own devices' slices of it, without the cross-process equality check
+  (an all-gather of the whole array) that ``device_put`` runs there. A global array is resharded.
+  """
+  if sharding.is_fully_addressable or (isinstance(value, jax.Array) and not value.is_fully_addressable):
+    return jax.device_put(value, sharding)
+  host = np.asarray(value)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_model(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
@@ -128,10 +182,7 @@ def shard_model(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
   for path, var in nnx.iter_graph(model):
     if isinstance(var, nnx.Variable) and hasattr(var[...], "shape"):
       value = var[...]
-      sharding = variable_sharding(
-          path_str(path), value.shape, var.get_metadata().get("partition"), mesh
-      )
-      var.set_value(jax.device_put(value, sharding))
+      var.set_value(place(value, variable_placement(path_str(path), var, mesh)))
   return model
 
 

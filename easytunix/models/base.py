@@ -475,4 +475,8 @@ class CausalLM(nnx.Module):
 
   @property
   def num_params(self) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+    """Parameters of the model, quantized kernels (QLoRA's frozen base) counted as the weights they stand for."""
+    from easytunix.layers.quantization import quantized_kernels
+
+    quantized = sum(k.size for k in quantized_kernels(self).values())
+    return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param))) + quantized

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from easytunix.layers.linear import Linear
 from easytunix.layers.sharding import path_str, variable_sharding
+from easytunix.layers.sharding import place as place_on_sharding
 from easytunix.models.safetensors_io import SafetensorsReader, checkpoint_files
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def load_weights(
 
   def place(path: str, var: nnx.Variable, host: np.ndarray) -> None:
     sharding = variable_sharding(path, host.shape, var.get_metadata().get("partition"), mesh)
-    value = jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+    value = place_on_sharding(host, sharding) if sharding is not None else jax.device_put(host)
     var.set_value(value)
     filled.add(path)
 
@@ -194,16 +195,21 @@ def model_params(model: nnx.Module, merge_lora: bool = True) -> Iterator[tuple[s
   """Every base parameter of ``model`` as (dotted path, array); LoRA adapters folded into their kernels.
 
   The model is not changed. With ``merge_lora=False`` an adapted kernel is yielded as it is.
+  A quantized kernel (QLoRA) is yielded dequantized, in its dtype from before quantization
+  (with ``merge_lora``, plus its adapters' update): every export is full precision.
   """
-  adapted = {}
-  if merge_lora:
-    for p, module in nnx.iter_graph(model):
-      if isinstance(module, Linear) and module.lora_a is not None:
-        adapted[path_str(p) + ".kernel"] = module
+  adapted, quantized = {}, {}
+  for p, module in nnx.iter_graph(model):
+    if isinstance(module, Linear) and (module.quantized or (merge_lora and module.lora_a is not None)):
+      (quantized if module.quantized else adapted)[path_str(p) + ".kernel"] = module
   for p, var in nnx.iter_graph(model):
+    path = path_str(p)
+    if path in quantized:  # the QuantizedKernel node; its codes and scales are not nnx.Param
+      module = quantized[path]
+      yield path, (module.merged_kernel() if merge_lora else module.kernel.dequantize())
+      continue
     if not isinstance(var, nnx.Param) or isinstance(var, nnx.LoRAParam):
       continue
-    path = path_str(p)
     module = adapted.get(path)
     yield path, (module.merged_kernel() if module is not None else var.get_value())
 

@@ -130,6 +130,10 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike,
   return path
 
 
+# LoRA adapters that ``save_to_preset`` keeps beside the base weights: not part of the checkpoint.
+ADAPTER_FILE = "lora_adapters.safetensors"
+
+
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
   """The safetensors shards of a checkpoint folder (index file honoured)."""
   folder = Path(folder)
@@ -146,7 +150,7 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     if missing:
       raise FileNotFoundError(f"{index} lists shards that are missing: {missing}.")
     return files
-  files = sorted(folder.glob("*.safetensors"))
+  files = sorted(f for f in folder.glob("*.safetensors") if f.name != ADAPTER_FILE)
   if not files:
     raise FileNotFoundError(
         f"No *.safetensors files (nor model.safetensors.index.json) in {folder}. "

@@ -1,4 +1,4 @@
-"""Saving, restoring and merging LoRA adapters for presets."""
+"""Saving, restoring and merging LoRA adapters for presets, and recording a quantized (QLoRA) base."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from flax import nnx
 
 from easytunix.layers.linear import Linear
 from easytunix.layers.sharding import path_str
-
-ADAPTER_FILE = "lora_adapters.safetensors"
+from easytunix.models.safetensors_io import ADAPTER_FILE  # the base-weight loader skips this file
 
 
 def has_adapters(model: nnx.Module) -> bool:
@@ -33,6 +32,37 @@ def save_adapters(model: nnx.Module, folder: Path) -> dict[str, Any] | None:
     return None
   write_safetensors(tensors, Path(folder) / ADAPTER_FILE)
   return {"file": ADAPTER_FILE, "scales": scales}
+
+
+def quantization_description(model: nnx.Module) -> dict[str, Any] | None:
+  """How ``model``'s base is quantized (method, block size, module paths), for the preset file; None: it is not.
+
+  The preset's safetensors hold the dequantized kernels (full precision, what any loader reads);
+  :func:`requantize` quantizes them again on load. Blockwise absmax quantization gives back the
+  same codes from its own dequantized values (each block's largest weight dequantizes to its
+  scale), so the reloaded model is the saved one up to float round-off of the scales.
+  """
+  kernels = {path_str(p): m.kernel for p, m in nnx.iter_graph(model) if isinstance(m, Linear) and m.quantized}
+  if not kernels:
+    return None
+  settings = {(k.method, k.block_size) for k in kernels.values()}
+  if len(settings) > 1:
+    raise ValueError(
+        f"The model's kernels are quantized with several (method, block_size) settings {sorted(settings)}; "
+        "save_to_preset records one. Quantize every kernel the same way."
+    )
+  method, block_size = settings.pop()
+  return {"method": method, "block_size": block_size, "modules": sorted(kernels)}
+
+
+def requantize(model: nnx.Module, description: dict[str, Any]) -> None:
+  """Quantizes ``model``'s kernels as :func:`quantization_description` recorded them."""
+  import re
+
+  from easytunix.sft.lora import quantize_base
+
+  quantize_base(model, description["method"], block_size=int(description["block_size"]),
+                targets=[re.escape(name) for name in description["modules"]])
 
 
 def load_adapters(model: nnx.Module, folder: Path, description: dict[str, Any]) -> None:

@@ -144,9 +144,11 @@ class CausalLMTask:
       config = _with(target.config_class.from_dict(meta["config"]), dtype=dtype, sharding=sharding)
       _, params = family_for_model_type(config.to_hf_config()["model_type"])
       model = load_hf_model(target, params.name_rules(config), folder, config, mesh=mesh)
-      if meta.get("lora"):
-        from easytunix.presets import lora_io
+      from easytunix.presets import lora_io
 
+      if meta.get("quantized"):
+        lora_io.requantize(model, meta["quantized"])
+      if meta.get("lora"):
         lora_io.load_adapters(model, folder, meta["lora"])
     else:
       hf = read_hf_config(folder)
@@ -188,6 +190,7 @@ class CausalLMTask:
       lora_rank: int | None = None,
       lora_alpha: float | None = None,
       lora_targets: Any = None,
+      quantize_base: str | None = None,
       max_length: int = 256,
       gradient_accumulation_steps: int = 1,
       checkpoint_dir: str | Path | None = None,
@@ -216,6 +219,14 @@ class CausalLMTask:
       lora_rank: add LoRA adapters of this rank (then only they train); None: full fine-tuning.
       lora_alpha: LoRA scale numerator (default: the rank, a scale of 1).
       lora_targets: projection names or path regexes (default: every attention and MLP projection).
+      quantize_base: QLoRA: store the frozen base projections (every attention and MLP projection) in
+        "nf4" (QLoRA's NormalFloat-4), "int4" or "int8", blockwise with one float32 scale per 64 input
+        rows: 0.5625 bytes per weight for the 4-bit methods, 1.0625 for int8. Needs ``lora_rank`` (a
+        quantized base cannot be fully fine-tuned); the adapters train in full precision on the
+        dequantized base. It happens in place and is not undone by a later compile (compiling again with
+        the same method keeps the codes as they are); ``merge_lora``, ``export_safetensors`` and
+        ``save_to_preset`` write full-precision weights. Other block sizes or targets:
+        ``easytunix.sft.lora.quantize_base`` before compile.
       max_length: tokens per training row (longer examples are truncated, with a warning).
       gradient_accumulation_steps: micro-batches per optimizer step (exact, token-weighted).
       checkpoint_dir: save checkpoints here and resume from the newest one.
@@ -247,6 +258,7 @@ class CausalLMTask:
         decay_steps=decay_steps, schedule=schedule, max_grad_norm=max_grad_norm, max_length=max_length,
         gradient_accumulation_steps=gradient_accumulation_steps, eval_every_n_steps=eval_every_n_steps,
         lora_rank=lora_rank, lora_alpha=lora_alpha, distill=distill)
+    validation.check_quantize_base(self, quantize_base, lora_rank)
     given = {name: value for name, value in (("teacher", teacher), ("distill", distill)) if value is not None}
     check_mesh(self.mesh)
     options = training.resolve_options(trainer, {**trainer_options, **given}, common=_COMPILE_OPTIONS)
@@ -268,6 +280,12 @@ class CausalLMTask:
       self.enable_lora(lora_rank, alpha=lora_alpha, targets=lora_targets)
     elif lora_alpha is not None or lora_targets is not None:
       raise ValueError("lora_alpha and lora_targets need lora_rank.")
+    if quantize_base is not None:
+      from easytunix.sft import lora
+
+      if lora.quantization_method(self) is None:  # already quantized (same method, checked above): kept as it is
+        lora.quantize_base(self, quantize_base)
+        facade_state(self).pop("sampler", None)  # a cached sampler would keep the full-precision kernels alive
     spec = training.compile_spec(self, trainer, training.RecipeSettings(
         optimizer=opt, max_length=max_length, options=options, training_config=config))
     state = facade_state(self)
@@ -278,6 +296,7 @@ class CausalLMTask:
         "trainer": trainer, "optimizer": describe(optimizer), "learning_rate": describe(learning_rate),
         "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
         "decay_steps": decay_steps, "max_length": max_length, "lora_rank": lora_rank,
+        "quantize_base": quantize_base,
         "gradient_accumulation_steps": gradient_accumulation_steps,
     }
     state["recipe_state"] = {}  # e.g. GRPO's reference: a new compile anchors its KL to the weights as they are now
@@ -404,6 +423,9 @@ class CausalLMTask:
     lora = lora_io.save_adapters(self, folder)
     if lora:
       meta["lora"] = lora
+    quantized = lora_io.quantization_description(self)
+    if quantized:
+      meta["quantized"] = quantized
     (folder / PRESET_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     self._save_tokenizer(folder)
 
@@ -445,17 +467,22 @@ class CausalLMTask:
     """Parameters per block, trainable vs frozen, LoRA adapters; printed and returned.
 
     Runs of identical decoder layers are one row ("layers.0-29 x30", their parameters summed).
+    Quantized kernels (QLoRA) count as the weights they stand for, frozen.
     """
+    from easytunix.layers.quantization import QuantizedKernel
     from easytunix.presets import lora_io
 
     rows: dict[str, list[int]] = {}
     lora_on = lora_io.has_adapters(self)
+    quantized = []
     for path, var in nnx.iter_graph(self):
-      if not isinstance(var, nnx.Param):
+      if isinstance(var, QuantizedKernel):
+        quantized.append(var)
+      elif not isinstance(var, nnx.Param):
         continue
       parts = [str(p) for p in path]
       block = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-      n = int(np.prod(var.get_value().shape))
+      n = var.size if isinstance(var, QuantizedKernel) else int(np.prod(var.get_value().shape))
       row = rows.setdefault(block, [0, 0, 0])
       if isinstance(var, nnx.LoRAParam):
         row[2] += n
@@ -478,6 +505,13 @@ class CausalLMTask:
         f"trainable: {trainable:,}   frozen: {total_base + total_lora - trainable:,}"
         + ("   (LoRA: only adapters train)" if lora_on else "   (full fine-tuning)")
     )
+    if quantized:
+      weights = sum(k.size for k in quantized)
+      stored = sum(k.nbytes for k in quantized)
+      lines.append(
+          f"quantized base: {len(quantized)} kernels in {quantized[0].method} ({weights:,} weights, "
+          f"{stored / 2**20:,.2f} MiB, {stored / weights:.4f} bytes per weight)"
+      )
     text = "\n".join(lines)
     if print_fn is not None:
       print_fn(text)

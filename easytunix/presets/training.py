@@ -11,6 +11,7 @@ trainer.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 import warnings
@@ -28,6 +29,7 @@ import easytunix.distillation.recipe  # noqa: F401
 import easytunix.rl.dpo.recipe  # noqa: F401
 import easytunix.rl.grpo.recipe  # noqa: F401
 from easytunix import callbacks as callbacks_lib
+from easytunix import distributed
 from easytunix.presets import data_formats
 from easytunix.presets import validation as validation_lib
 from easytunix.sft import hooks as hooks_lib
@@ -301,7 +303,8 @@ def start_banner(model, spec: CompileSpec, *, records: list[Any], train: Any, ba
   devices = jax.devices()
   where = (f"mesh {dict(mesh.shape)} ({mesh.size} {mesh.devices.flat[0].platform} devices)" if mesh is not None
            else f"1 {devices[0].platform} device ({len(devices)} available; from_preset(mesh=...) uses more)")
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  total = (model.num_params if hasattr(model, "num_params")  # counts a QLoRA base's quantized kernels too
+           else sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
   trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, trainable_filter(model))))
   accumulation, parallel = spec.settings.gradient_accumulation_steps, data_parallel_size(model)
   num_examples = len(records)
@@ -346,14 +349,25 @@ def _build(model, spec: CompileSpec, state: dict[str, Any], num_epochs: int | No
 def _record_run(spec: CompileSpec, state: dict[str, Any], records: list[Any], resumed: int, **settings: Any) -> None:
   """Warns about settings or data that differ from the checkpointed run's, then records this run's."""
   folder = spec.settings.training_config.get("checkpoint_root_directory")
-  if not folder:
-    return
+  if not folder or not distributed.is_main_process():
+    return  # with several processes, process 0 compares and records (they all got the same data)
   folder = Path(folder)
   current = {**state.get("run_settings", {}), **settings, "data": validation_lib.data_fingerprint(records)}
   if resumed:
     for note in validation_lib.compare_run(folder, current, resumed):
       warnings.warn(f"Resuming from step {resumed} of {folder}: {note}.", stacklevel=4)
   validation_lib.write_run(folder, current)
+
+
+def _check_processes_agree(data: list[Any], validation_data: list[Any] | None, **arguments: Any) -> None:
+  """Raises on every process unless all passed the same data and ``fit`` arguments (a collective call).
+
+  Every process feeds its own devices' rows of each global batch, so differing data would be mixed silently.
+  """
+  validation = validation_lib.data_fingerprint(validation_data) if validation_data is not None else None
+  described = {"data": validation_lib.data_fingerprint(data), "validation_data": validation, **arguments}
+  distributed.check_same_on_all_processes(json.dumps(described, sort_keys=True, default=str),
+                                          "The training data or the fit() arguments")
 
 
 def close_run(state: dict[str, Any]) -> None:
@@ -374,6 +388,11 @@ def fit(model, spec: CompileSpec, state: dict[str, Any], data: Any, *, epochs: i
   data = data_formats.as_records(data, what="training data")
   if validation_split:
     data, validation_data = split_validation(data, validation_split, validation_data)
+  if jax.process_count() > 1:
+    if validation_data is not None:  # records once: a generator could not be read twice
+      validation_data = data_formats.as_records(validation_data, what="validation_data")
+    _check_processes_agree(data, validation_data, epochs=epochs, steps=steps, batch_size=batch_size,
+                           shuffle=shuffle, seed=seed)
   train = _batches(model, spec, data, batch_size, shuffle, seed, "training data")
   validation = (_batches(model, spec, validation_data, batch_size, False, seed, "validation_data")
                 if validation_data is not None else None)

@@ -103,6 +103,59 @@ def check_compile_args(model: Any, *, learning_rate: Any, weight_decay: Any, war
     )
 
 
+def check_quantize_base(model: Any, quantize_base: Any, lora_rank: Any) -> None:
+  """``compile(quantize_base=...)``: a known method, LoRA to train on it, and a base that can take it.
+
+  A quantized base is frozen, so it needs LoRA adapters: ``lora_rank`` now, or adapters the
+  model already has (a second ``compile``). Kernels quantized by an earlier compile stay
+  quantized; asking for another method then is an error (nothing undoes quantization).
+  Everything is checked before the model is changed.
+  """
+  from easytunix.layers.quantization import QUANTIZATION_METHODS, check_method
+  from easytunix.presets import lora_io
+  from easytunix.sft import lora
+
+  has_adapters = lora_io.has_adapters(model)
+  current = lora.quantization_method(model)
+  if quantize_base is None:
+    if current is not None and lora_rank is None and not has_adapters:
+      raise ValueError(
+          f"This model's base is quantized ({current}), so it cannot be fully fine-tuned: only LoRA adapters "
+          "can train on it. Pass lora_rank (e.g. compile(lora_rank=16)), or load the model again for full "
+          "fine-tuning."
+      )
+    return
+  if not isinstance(quantize_base, str):
+    raise TypeError(
+        f"quantize_base must be None or one of {list(QUANTIZATION_METHODS)} (a string), got {quantize_base!r}."
+    )
+  try:
+    check_method(quantize_base)
+  except ValueError as e:
+    raise ValueError(f"quantize_base: {e}") from None
+  if lora_rank is None and not has_adapters:
+    raise ValueError(
+        f"quantize_base={quantize_base!r} needs lora_rank: a quantized base is frozen and cannot be fully "
+        f"fine-tuned, only LoRA adapters train on it. Pass e.g. compile(lora_rank=16, "
+        f"quantize_base={quantize_base!r})."
+    )
+  if current is not None and current != quantize_base:
+    raise ValueError(
+        f"This model's base is already quantized with {current!r} (by an earlier compile or quantize_base); "
+        f"compile does not undo quantization, so it cannot become {quantize_base!r}. Pass "
+        f"quantize_base={current!r} (or None), or load the model again to quantize it with {quantize_base!r}."
+    )
+  if current is None:
+    try:
+      lora.check_quantizable(model, quantize_base)
+    except ValueError as e:
+      raise ValueError(
+          f"{e} compile quantizes in blocks of 64; for another block size call "
+          f"easytunix.sft.lora.quantize_base(model, {quantize_base!r}, block_size=...) first, then "
+          f"compile(lora_rank=..., quantize_base={quantize_base!r})."
+      ) from None
+
+
 def check_fit_args(*, epochs: Any, steps: Any, batch_size: Any, seed: Any, shuffle: Any = True) -> None:
   """``fit``'s counts and switches, checked before any data is read."""
   if not isinstance(shuffle, (bool, np.bool_)):
@@ -226,5 +279,5 @@ def write_run(folder: Path, current: dict[str, Any]) -> None:
 
 
 __all__ = ["RUN_FILE", "check_compile_args", "check_fit_args", "check_float", "check_generate_args", "check_int",
-           "check_learning_rate", "check_output_folder", "check_schedule", "check_training_inputs",
-           "compare_run", "data_fingerprint", "describe_value", "write_run"]
+           "check_learning_rate", "check_output_folder", "check_quantize_base", "check_schedule",
+           "check_training_inputs", "compare_run", "data_fingerprint", "describe_value", "write_run"]

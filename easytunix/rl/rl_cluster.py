@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from easytunix.generate.sampler import CacheConfig, Sampler, SamplerOutput
 from easytunix.generate.tokenizer_adapter import tokenizer_pad_id
-from easytunix.layers.sharding import as_mesh, module_mesh, path_str, shard_model, variable_sharding
+from easytunix.layers.sharding import as_mesh, module_mesh, path_str, shard_model, variable_placement
 from easytunix.rl.common import bucket, completion_logps, left_pad, right_pad
 from easytunix.rl.reference import choose_reference
 from easytunix.sft.lora import is_lora_enabled, lora_disabled, trainable_filter
@@ -258,7 +258,7 @@ def _place_like(module: nnx.Module, mesh: Mesh | None, copy: bool) -> None:
         target = next(iter(value.devices())) if isinstance(value, jax.Array) else jax.devices()[0]
         target = jax.sharding.SingleDeviceSharding(target)
       else:
-        target = variable_sharding(path_str(path), value.shape, var.get_metadata().get("partition"), mesh)
+        target = variable_placement(path_str(path), var, mesh)
       var.set_value(jax.device_put(value, target, may_alias=False if copy else None))
 
 
@@ -404,7 +404,7 @@ class RLCluster:
       if isinstance(var, nnx.Variable) and hasattr(var[...], "shape") and (move or id(var) in trainable_ids):
         value = var[...]
         target = (
-            variable_sharding(path_str(path), value.shape, var.get_metadata().get("partition"), mesh)
+            variable_placement(path_str(path), var, mesh)
             if mesh is not None
             else value.sharding
         )

@@ -7,7 +7,7 @@ RL trainers extend it through its loss function, input function and
 
 from easytunix.sft.checkpoint import CheckpointingOptions, CheckpointManager
 from easytunix.sft.hooks import DataHooks, TrainingHooks
-from easytunix.sft.lora import apply_lora, lora_disabled, merge_lora
+from easytunix.sft.lora import apply_lora, lora_disabled, merge_lora, quantize_base
 from easytunix.sft.metrics import MetricsLogger, MetricsLoggerOptions
 from easytunix.sft.peft_trainer import (
     PeftTrainer,
@@ -35,5 +35,6 @@ __all__ = [
     "is_lora_enabled",
     "lora_disabled",
     "merge_lora",
+    "quantize_base",
     "time_measure",
 ]

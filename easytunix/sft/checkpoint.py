@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from easytunix.distributed import barrier, is_main_process
 from easytunix.sft.lora import is_lora_enabled
 
 logger = logging.getLogger(__name__)
@@ -215,6 +216,11 @@ class CheckpointManager:
   later) are skipped with a warning that names them, and moved aside to
   ``<step>.incomplete-<time>`` so the step can be saved again.
 
+  With several processes (``jax.distributed``) every process creates the
+  manager and calls ``save``/``maybe_restore`` (Orbax coordinates the writes;
+  the folder must be on storage every host sees); process 0 alone moves
+  incomplete steps aside.
+
   Args:
     root_directory: folder holding one sub-folder per saved step; None
       disables checkpointing (``save`` returns False, nothing is restored).
@@ -243,7 +249,9 @@ class CheckpointManager:
     self._closed = False
     if self.root_directory is None:
       return
-    self._set_aside_incomplete_steps()
+    if is_main_process():  # one process moves folders; the others wait and then see the result
+      self._set_aside_incomplete_steps()
+    barrier("easytunix_checkpoint_manager_set_aside")
     self._manager = ocp.CheckpointManager(
         self.root_directory,
         options=ocp.CheckpointManagerOptions(

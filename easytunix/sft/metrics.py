@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from easytunix.distributed import is_main_process
+
 
 class Mode(str, enum.Enum):
   """The phase a metric belongs to (a str: ``Mode.TRAIN == "train"``)."""
@@ -53,7 +55,8 @@ class MetricsLogger:
   """Logs scalars under ``"<mode>/<name>"`` tags (``train/loss``, ``eval/loss``...).
 
   Every value is kept in :attr:`history` (``{tag: [(step, value), ...]}``) and,
-  when ``options.log_dir`` is set, written to a tensorboardX event file there.
+  when ``options.log_dir`` is set, written to a tensorboardX event file there
+  (by process 0 only when ``jax.distributed`` runs several processes).
 
   Args:
     metrics_logger_options: a :class:`MetricsLoggerOptions` (None: in memory only).
@@ -65,7 +68,7 @@ class MetricsLogger:
     self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
     self._writer = None
     self._since_flush = 0
-    if self.options.log_dir:
+    if self.options.log_dir and is_main_process():  # one event file per job, not one per host
       from tensorboardX import SummaryWriter
 
       self._writer = SummaryWriter(logdir=self.options.log_dir, flush_secs=3600)

@@ -26,7 +26,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from easytunix.distributed import is_main_process
 from easytunix.layers.sharding import module_mesh
+from easytunix.layers.sharding import place as place_on_sharding
 from easytunix.models.calling import call_causal_lm
 from easytunix.sft import hooks as hooks_lib
 from easytunix.sft.checkpoint import CHECKPOINTING_OPTIONS_TYPES, CheckpointingOptions, CheckpointManager
@@ -634,7 +636,12 @@ class PeftTrainer:
     return self._mesh(), self._device()
 
   def _place_batch(self, batch: Any, stacked: bool, placement: tuple[Any, Any] | None = None) -> Any:
-    """Puts a batch on the devices, the batch dimension split over the data axes of the mesh."""
+    """Puts a batch on the devices, the batch dimension split over the data axes of the mesh.
+
+    With several processes (``jax.distributed``) every process holds the same global batch and
+    each puts only its own devices' rows of it on them: the global array is the one a single
+    process would build from that batch.
+    """
     mesh, device = placement or self._placement()
     if mesh is None:
       single = jax.sharding.SingleDeviceSharding(device)
@@ -643,11 +650,12 @@ class PeftTrainer:
     size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     batch_dim = 1 if stacked else 0
     spec_axes = axes if len(axes) != 1 else axes[0]
+    put = place_on_sharding if jax.process_count() > 1 else jax.device_put
 
     def place(x):
       x = x if isinstance(x, jax.Array) else np.asarray(x)
       if not axes or x.ndim <= batch_dim:
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        return put(x, NamedSharding(mesh, PartitionSpec()))
       if x.shape[batch_dim] % size:
         raise ValueError(
             f"Batch size {x.shape[batch_dim]} is not divisible by the {size} devices of mesh axes {axes} "
@@ -655,7 +663,7 @@ class PeftTrainer:
             "TrainingConfig.data_sharding_axis to other axes."
         )
       spec = (None,) * batch_dim + (spec_axes,)
-      return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+      return put(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
     return jax.tree.map(place, batch)
 
@@ -833,6 +841,10 @@ class PeftTrainer:
     consumed are skipped, so ``train_ds`` must yield the same sequence again
     (a deterministic iterable; one with ``set_epoch(epoch)`` gets it called
     before each epoch).
+
+    With several processes (``easytunix.distributed``) every process calls
+    ``train`` with the same ``train_ds``: each item is the global batch, and
+    each process puts only its own devices' rows of it on them.
     """
     config = self.config
     train_step, _ = self.jit_train_and_eval_step(skip_jit)
@@ -847,7 +859,7 @@ class PeftTrainer:
           total=config.max_steps or self._estimate_total_steps(train_ds),
           initial=self._train_steps,
           description=config.pbar_description,
-          enabled=config.show_progress_bar,
+          enabled=config.show_progress_bar and is_main_process(),  # one bar per job, not one per host
       )
     _, trainable_state, frozen = nnx.split(self.model, self._trainable_filter(), ...)
     # The step donates the trainable arrays: train on private copies (a clone
