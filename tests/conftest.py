@@ -80,11 +80,13 @@ _SLOW_UNITS = {
     "tests/test_guides.py::TestGuide_real_weights": 85,
     "tests/test_guides.py::TestGuide_grpo": 80,
     "tests/test_vllm_sampler.py": 80,
-    "tests/test_grpo.py": 80,
+    "tests/test_distributed.py": 60,
+    "tests/test_grpo.py": 55,
     "tests/test_cli.py": 60,
     "tests/test_long_context.py": 50,
     "tests/test_distill_real.py": 45,
     "tests/test_sft_trainer.py": 45,
+    "tests/test_qlora.py": 35,
 }
 
 
