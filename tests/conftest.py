@@ -3,9 +3,11 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# 8 CPU devices for the sharding tests; XLA:CPU's memory-aware scheduler, without which remat saves no
+# memory on CPU (see easytunix.models.base.warn_if_cpu_scheduler_defeats_remat; the remat test checks it).
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_cpu_enable_concurrency_optimized_scheduler=false"):
+  if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import shutil  # noqa: E402
 import tempfile  # noqa: E402

@@ -90,7 +90,9 @@ def test_remat_gives_the_same_gradients_with_less_memory():
     step, state = _grad_fn(model)
     temp[policy] = step.lower(state, tokens, mask).compile().memory_analysis().temp_size_in_bytes
     results[policy] = jax.device_get(step(state, tokens, mask))
-  assert temp["block"] < temp["none"], temp
+  # 4 blocks: without remat all 4 keep their activations; with "block" one block's are alive at a time
+  # (measured 13.9 MB -> 6.4 MB under XLA:CPU's memory-aware scheduler, which conftest selects).
+  assert temp["block"] < 0.6 * temp["none"], temp
   for policy in ("dots", "block"):
     # The same float32 ops recomputed: XLA may fuse them differently, so allow round-off only.
     np.testing.assert_allclose(results[policy][0], results["none"][0], rtol=1e-6)
@@ -126,9 +128,13 @@ def test_bf16_mixed_precision_trains_like_float32():
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state))
     curves[precision] = np.array(losses)
   assert curves["bf16-mixed"][-1] < curves["bf16-mixed"][0] - 0.5  # it learns
-  # bf16 keeps 8 mantissa bits (relative error 2^-8 ~ 0.4% per op): after 30 Adam steps the losses of the
-  # two runs stay within 3% of each other, while a bug (bf16 master weights, a missing cast) drifts further.
-  np.testing.assert_allclose(curves["bf16-mixed"], curves["float32"], rtol=3e-2)
+  # bf16 keeps 8 mantissa bits (relative error 2^-8 ~ 0.4% per op). Over the first 15 Adam steps the two
+  # curves stay within 1% of each other (measured <= 0.33%); later the model memorises these random tokens
+  # and small differences compound (the relative gap grows as the loss shrinks, ~5% at 0.64), so the whole
+  # curve is held to 0.1 absolute, 2.4% of the initial loss. A bug (bf16 master weights, a missing cast)
+  # moves the early steps by more.
+  np.testing.assert_allclose(curves["bf16-mixed"][:15], curves["float32"][:15], rtol=1e-2)
+  np.testing.assert_allclose(curves["bf16-mixed"], curves["float32"], atol=0.1)
 
 
 def test_compile_options_reach_the_model_and_it_still_learns():

@@ -323,6 +323,26 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
+CPU_REMAT_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def warn_if_cpu_scheduler_defeats_remat() -> None:
+  """Warns when remat cannot save memory: XLA:CPU's default scheduler runs every block's recomputation
+  as early as it can (for concurrency), so all of them are alive at once, as without remat (measured:
+  8 blocks, the same temporary memory with and without). Its memory-aware scheduler keeps remat's saving;
+  it is chosen by ``XLA_FLAGS`` before JAX starts, which a library cannot do later. GPUs and TPUs
+  schedule for memory already.
+  """
+  import os
+  import warnings
+
+  if jax.default_backend() == "cpu" and CPU_REMAT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    warnings.warn(
+        f"remat saves no memory on CPU with XLA's default scheduler, which recomputes every block up front. "
+        f"Start Python with XLA_FLAGS='{CPU_REMAT_FLAG}' (set before JAX is imported) so the recomputation "
+        "runs block by block in the backward pass.", stacklevel=3)
+
+
 def _remat_layer(policy: str):
   return nnx.remat(_call_layer, policy=REMAT_POLICIES[policy])
 
@@ -451,6 +471,8 @@ class CausalLM(nnx.Module):
     if policy not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {policy!r}.")
     self.remat = policy
+    if policy != "none":
+      warn_if_cpu_scheduler_defeats_remat()
 
   def set_compute_dtype(self, dtype: Any) -> None:
     """Runs every layer's matmuls in ``dtype`` (e.g. bfloat16) while parameters keep their own dtype.
