@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -400,6 +401,28 @@ def fits_table(rows: list[dict[str, Any]], params: dict[str, int]) -> list[str]:
   return lines
 
 
+def _cell_key(model: str, mode: str, seq: int, devices: int, setting: str) -> str:
+  return f"{model}|{mode}|{seq}|{devices}|{setting}"
+
+
+def load_results(path: str | None) -> dict[str, Any]:
+  """Cells saved by an earlier (interrupted) run with the same settings, by key."""
+  if not path or not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_results(path: str | None, results: dict[str, Any]) -> None:
+  """Writes the finished cells (atomically: a killed run leaves the previous file)."""
+  if not path:
+    return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(results, f)
+  os.replace(tmp, path)
+
+
 MODES = ("lora", "qlora", "full")
 DEFAULT_MODELS = ("llama3.2-1b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b", "gemma3-1b", "gemma3-4b")
 
@@ -428,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="consecutive reduced depths to extrapolate from (one more when their steps disagree)")
   parser.add_argument("--no-verify", action="store_true", help="skip the full-depth check of the extrapolation")
   parser.add_argument("--plain-xla", action="store_true", help="compile without CPU_FLAGS (XLA:CPU as it is)")
+  parser.add_argument("--results", help="keep finished cells in this JSON file; a rerun skips them (resume)")
   parser.add_argument("--tiny", action="store_true",
                       help="one small cell (3-layer Qwen3, 256 tokens, LoRA, 1 device unless --modes/--devices)")
   args = parser.parse_args(argv)
@@ -452,12 +476,22 @@ def main(argv: list[str] | None = None) -> int:
 
   start = time.perf_counter()
   params = {m: count_params(specs[m]) for m in args.models}
-  rows = []
+  setting = f"{'full' if depths is None else ','.join(map(str, depths))}|{'plain' if args.plain_xla else 'flags'}" \
+            f"|jax {jax.__version__}"
+  saved = load_results(args.results)
+  rows, reused = [], 0
   for model in args.models:
     for mode in args.modes:
       for seq in args.seq:
         for n in devices:
-          result = run_cell(specs[model], mode, seq, n, depths, log)
+          key = _cell_key(model, mode, seq, n, setting)
+          if key in saved:
+            result, reused = saved[key], reused + 1
+          else:
+            result = run_cell(specs[model], mode, seq, n, depths, log)
+            if "error" not in result:
+              saved[key] = result
+              save_results(args.results, saved)
           rows.append(dict(model=model, label=specs[model].label, mode=mode, seq=seq, devices=n, **result))
   grid_s = time.perf_counter() - start
 
@@ -467,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     if candidates:  # the hardest cell to extrapolate: most layers, longest sequence, one device, full FT first
       row = max(candidates, key=lambda r: (specs[r["model"]].config().num_layers, r["seq"], -r["devices"],
                                            r["mode"] == "full"))
-      full = compile_step(specs[row["model"]], row["mode"], row["seq"], row["devices"], None)
+      key = _cell_key(row["model"], row["mode"], row["seq"], row["devices"], setting + "|check")
+      full = saved.get(key) or compile_step(specs[row["model"]], row["mode"], row["seq"], row["devices"], None)
+      saved[key] = full
+      save_results(args.results, saved)
       check = (row, full)
 
   print(f"\nMemory plan: the compiled train step's memory_analysis() per device, XLA:CPU "
@@ -509,8 +546,9 @@ def main(argv: list[str] | None = None) -> int:
   print("\n".join(fits_table(rows, params)))
   print()
   compiles = [r for r in rows if "error" not in r]
-  print(f"Timing: {len(compiles)} cells in {grid_s:.0f} s wall ({sum(r['compile_s'] for r in compiles):.0f} s of "
-        f"XLA compiles; {'full depth' if depths is None else 'reduced depths'}).")
+  print(f"Timing: {len(compiles)} cells, {sum(r['compile_s'] for r in compiles):.0f} s of XLA compiles "
+        f"({'full depth' if depths is None else 'reduced depths'}); this run {grid_s:.0f} s wall"
+        + (f", {reused} cells read back from {args.results}." if reused else "."))
   if check is not None:
     row, full = check
     error = (row["total"] - full["total"]) / full["total"]
@@ -526,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     if depths is not None and row["compile_s"]:
       estimate = sum(r["compile_s"] for r in compiles) * full["compile_s"] / row["compile_s"]
       print(f"At full depth the {len(compiles)} cells would have compiled for about {estimate / 60:.1f} min "
-            f"(scaled by that cell's ratio), against {grid_s / 60:.1f} min for the reduced-depth grid.")
+            f"(scaled by that cell's ratio), against {sum(r['compile_s'] for r in compiles) / 60:.1f} min for the "
+            "reduced-depth grid.")
   worse = [(r, one) for r in compiles if r["devices"] > 1
            for one in compiles if one["devices"] == 1 and one["model"] == r["model"] and one["mode"] == r["mode"]
            and one["seq"] == r["seq"] and r["total"] > one["total"]]
