@@ -66,3 +66,35 @@ def test_indivisible_dimension_is_a_clear_error(hf_tiny):
   mesh = jax.sharding.Mesh(devices, ("fsdp", "tp"), axis_types=(AxisType.Auto, AxisType.Auto))
   with pytest.raises(ValueError, match=r"embedder\.embedding .* not divisible by mesh axis 'tp' of size 3"):
     load_model(folder, dtype="float32", mesh=mesh)
+
+
+def test_fsdp_train_step_keeps_activations_split_over_the_batch():
+  """On an FSDP mesh each device computes its own rows: the compiled step's temporaries per device track
+  the per-device batch, not the global batch (which they did while activations followed the weights' layout)."""
+  import optax
+
+  from easytunix.layers.sharding import shard_model
+  from easytunix.models.llama3 import Llama3, ModelConfig
+  from easytunix.sft.peft_trainer import PeftTrainer, TrainingConfig, TrainingInput
+
+  def temp_bytes(devices: int) -> int:
+    # Wide enough that activations, not weights, fill the temporaries: 256 tokens per row, vocab 512.
+    config = ModelConfig.tiny()
+    model = Llama3(config, rngs=nnx.Rngs(0))
+    if devices > 1:
+      mesh = jax.make_mesh((devices, 1), ("fsdp", "tp"), axis_types=(AxisType.Auto, AxisType.Auto),
+                           devices=jax.devices()[:devices])
+      shard_model(model, mesh)
+    trainer = PeftTrainer(model, optax.sgd(1e-3), TrainingConfig(max_steps=1, show_progress_bar=False))
+    step, _ = trainer.jit_train_and_eval_step()
+    tokens = np.ones((devices, 256), np.int32)  # one row per device
+    batch = trainer._place_batch(  # noqa: SLF001
+        TrainingInput(input_tokens=tokens, input_mask=tokens.astype(bool)), stacked=False)
+    _, trainable, frozen = nnx.split(model, trainer._trainable_filter(), ...)  # noqa: SLF001
+    compiled = step.lower(nnx.as_pure(trainable), trainer.opt_state, nnx.as_pure(frozen), batch).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  one, eight = temp_bytes(1), temp_bytes(8)
+  # Same rows per device: within 1.5x (the sharded step also holds all-gathered weight shards and the
+  # collectives' buffers), where computing the whole global batch on every device needs about 8x.
+  assert eight < 1.5 * one, (one, eight)

@@ -24,7 +24,12 @@ class ShardingConfig:
 
   The default uses two mesh axes: ``fsdp`` (parameters and batch sharded, fully
   sharded data parallel) and ``tp`` (tensor parallel: heads and MLP width).
-  Axis names that a given mesh lacks are treated as replicated.
+  Axis names that a given mesh lacks are treated as replicated. An entry may
+  also name several mesh axes, as a tuple: the activations' batch dimension
+  (``act_btd``, ``act_bt``) is split over ``("data", "fsdp")``, the axes a
+  trainer splits its batches over (``TrainingConfig.data_sharding_axis``), so
+  the activations stay where the batch is instead of following the weights'
+  sharding (with which every device would compute the whole global batch).
   """
 
   embed_vd: Axes = ("tp", "fsdp")
@@ -37,18 +42,27 @@ class ShardingConfig:
   router: Axes = ("fsdp", None)
   expert_in: Axes = (None, "fsdp", "tp")
   expert_out: Axes = (None, "tp", "fsdp")
-  act_btd: Axes = ("fsdp", None, None)
-  act_bt: Axes = ("fsdp", None)
+  act_btd: Axes = (("data", "fsdp"), None, None)
+  act_bt: Axes = (("data", "fsdp"), None)
+
+  def __post_init__(self):
+    # JSON gives lists: entries become names, None, or tuples of names (hashable, as a static config must be).
+    for f in dataclasses.fields(self):
+      spec = getattr(self, f.name)
+      object.__setattr__(self, f.name, tuple(tuple(a) if isinstance(a, list) else a for a in spec))
 
   @classmethod
   def default(cls, fsdp: str | None = "fsdp", tp: str | None = "tp") -> "ShardingConfig":
     """FSDP x tensor-parallel specs, with the mesh axis names given."""
     rename = {"fsdp": fsdp, "tp": tp}
-    fields = {}
-    for f in dataclasses.fields(cls):
-      spec = f.default
-      fields[f.name] = tuple(rename.get(a, a) if a is not None else None for a in spec)
-    return cls(**fields)
+
+    def renamed(a):
+      if isinstance(a, tuple):
+        names = tuple(n for n in (renamed(x) for x in a) if n is not None)
+        return names or None
+      return rename.get(a, a) if a is not None else None
+
+    return cls(**{f.name: tuple(renamed(a) for a in f.default) for f in dataclasses.fields(cls)})
 
   @classmethod
   def none(cls) -> "ShardingConfig":
@@ -71,12 +85,56 @@ def as_mesh(mesh: Mesh | None) -> Mesh | None:
   return mesh
 
 
+def _on_mesh(axis: Any, names: set[str]) -> Any:
+  """One spec entry restricted to the mesh's axis names (a tuple keeps the names the mesh has)."""
+  if isinstance(axis, tuple):
+    kept = tuple(a for a in axis if a in names)
+    return kept[0] if len(kept) == 1 else (kept or None)
+  return axis if axis in names else None
+
+
 def _spec_for_mesh(axes: Axes, mesh: Mesh | None) -> PartitionSpec:
   mesh = as_mesh(mesh)
   if mesh is None:
     return PartitionSpec()
   names = set(mesh.axis_names)
-  return PartitionSpec(*(a if a in names else None for a in axes))
+  return PartitionSpec(*(_on_mesh(a, names) for a in axes))
+
+
+def _axis_size(mesh: Any, axis: Any) -> int:
+  return int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))
+
+
+def mesh_context(mesh: Mesh | None):
+  """A context for tracing a program that runs on ``mesh`` (a no-op without a real mesh).
+
+  Inside it (``jax.sharding.use_abstract_mesh``, usable inside ``jax.jit``), the models'
+  activation constraints (:func:`constrain`) apply. Trainers enter it in their traced steps.
+  """
+  import contextlib
+
+  mesh = as_mesh(mesh)
+  return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """Pins activation ``x`` to the partition ``axes`` on the mesh being traced under (:func:`mesh_context`).
+
+  Without a mesh, ``x`` as it is. Mesh axes the mesh lacks, or that do not divide
+  their dimension (a batch of 1 on 8 devices), are left out (replicated there).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or not mesh.axis_names:
+    return x
+  names = set(mesh.axis_names)
+  axes = (tuple(axes) + (None,) * x.ndim)[: x.ndim]
+  spec = []
+  for dim, axis in zip(x.shape, axes):
+    axis = _on_mesh(axis, names)
+    spec.append(axis if axis is not None and dim % _axis_size(mesh, axis) == 0 else None)
+  if all(a is None for a in spec):
+    return x
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def variable_sharding(
@@ -93,7 +151,7 @@ def variable_sharding(
   for dim, axis in zip(shape, spec):
     if axis is None:
       continue
-    size = int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))
+    size = _axis_size(mesh, axis)
     if dim % size:
       raise ValueError(
           f"Cannot shard parameter {path} of shape {shape} with spec {tuple(spec)}: "
@@ -120,8 +178,7 @@ def divisible_axes(shape: tuple[int, ...], axes: Axes | None, mesh: Mesh | None)
   out = []
   for dim, axis, placed in zip(shape, axes, spec):
     if placed is not None:
-      size = int(np.prod([mesh.shape[a] for a in (placed if isinstance(placed, tuple) else (placed,))]))
-      if dim % size:
+      if dim % _axis_size(mesh, placed):
         axis = None
     out.append(axis)
   return tuple(out)

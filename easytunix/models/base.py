@@ -23,7 +23,8 @@ from easytunix.layers.mlp import ACTIVATIONS, MLP
 from easytunix.layers.moe import MoELayer
 from easytunix.layers.norm import RMSNorm
 from easytunix.layers.rope import RopeConfig
-from easytunix.layers.sharding import ShardingConfig
+from easytunix.layers.sharding import ShardingConfig, constrain
+from easytunix.models.calling import logits_log_probs
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -369,6 +370,8 @@ class CausalLM(nnx.Module):
   family: ClassVar[str] = ""
   # Rematerialisation of the decoder blocks in training (see set_remat); decoding never remats.
   remat: str = "none"
+  # token_log_probs takes positions in chunks of about this many tokens beyond it (0: never chunk).
+  loss_chunk_tokens: int = 1024
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     c = config
@@ -431,16 +434,21 @@ class CausalLM(nnx.Module):
     # A [B, T] mask stays factored (causal over the valid keys): the attention layers then choose
     # dense, blockwise (memory linear in T) or cuDNN attention without a [T, T] mask in memory.
 
-    x = self.embedder.encode(tokens)
+    # On a mesh (see easytunix.layers.sharding.mesh_context) the hidden states stay split over the batch
+    # axes, as the batch is; left to itself XLA may follow the weights' FSDP sharding of the hidden
+    # dimension and have every device compute the whole global batch.
+    act = self.config.sharding.act_btd
+    x = constrain(self.embedder.encode(tokens), act)
     new_layers = []
     run_layer = _call_layer if cache is not None or self.remat == "none" else _remat_layer(self.remat)
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache.layers[i]
       x, new_layer_cache = run_layer(layer, x, positions, attention_mask, layer_cache,
                                      None if cache is None else cache.index)
+      x = constrain(x, act)
       new_layers.append(new_layer_cache)
     hidden = self.final_norm(x)
-    logits = self.logits(hidden)
+    logits = constrain(self.logits(hidden), act)
     new_cache = None if cache is None else KVCache(tuple(new_layers), cache.index + t)
     if return_hidden_states:
       return logits, new_cache, hidden
@@ -458,6 +466,38 @@ class CausalLM(nnx.Module):
       cap = self.config.final_logit_softcap
       logits = jnp.tanh(logits / cap) * cap
     return logits
+
+  def token_log_probs(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) per position from final-norm hidden states: [B, K, D], [B, K] -> [B, K] (float32).
+
+    Equal to ``log_softmax(self.logits(hidden))`` at ``targets``, but beyond
+    ``loss_chunk_tokens`` tokens the positions are taken in chunks of about that many
+    tokens, one after another, each chunk's logits recomputed in the backward pass: the
+    [B, K, vocab] float32 logits (and their gradient) never exist in memory at once.
+    At 32k tokens and a 150k vocabulary that is 18 GiB per copy.
+    """
+    b, k, d = hidden.shape
+    width = max(1, self.loss_chunk_tokens // b)  # positions per chunk; every chunk keeps all rows (the batch axis
+    if not self.loss_chunk_tokens or k <= width:  # stays split over the devices as it is)
+      return logits_log_probs(self.logits(hidden), targets)
+    pad = (-k) % width
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    chunks = (hidden.reshape(b, -1, width, d).swapaxes(0, 1), targets.reshape(b, -1, width).swapaxes(0, 1))
+    tied = self.lm_head is None
+    graphdef, state = nnx.split(self.embedder if tied else self.lm_head)
+    cap = self.config.final_logit_softcap
+
+    @jax.checkpoint
+    def chunk_log_probs(state, h, t):
+      head = nnx.merge(graphdef, state)
+      logits = head.decode(h) if tied else head(h)
+      if cap is not None:
+        logits = jnp.tanh(logits / cap) * cap
+      return logits_log_probs(logits, t)
+
+    _, out = jax.lax.scan(lambda carry, xs: (carry, chunk_log_probs(state, *xs)), None, chunks)
+    return out.swapaxes(0, 1).reshape(b, -1)[:, :k]
 
   def set_remat(self, policy: str) -> None:
     """Recompute decoder blocks in the backward pass instead of keeping their activations.

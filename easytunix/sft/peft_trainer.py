@@ -27,9 +27,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from easytunix.distributed import is_main_process
-from easytunix.layers.sharding import module_mesh
+from easytunix.layers.sharding import mesh_context, module_mesh
 from easytunix.layers.sharding import place as place_on_sharding
-from easytunix.models.calling import call_causal_lm
+from easytunix.models.calling import logits_log_probs, next_token_log_probs
 from easytunix.sft import hooks as hooks_lib
 from easytunix.sft.checkpoint import CHECKPOINTING_OPTIONS_TYPES, CheckpointingOptions, CheckpointManager
 from easytunix.sft.lora import is_lora_enabled, trainable_filter
@@ -183,9 +183,7 @@ def default_gen_model_input_fn(batch: Any) -> Any:
   return batch
 
 
-def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(target) per position, computed in float32: [B, T, V], [B, T] -> [B, T]."""
-  return -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+token_log_probs = logits_log_probs  # log p(target) per position, in float32: [B, T, V], [B, T] -> [B, T]
 
 
 def default_loss_fn(
@@ -208,12 +206,11 @@ def default_loss_fn(
   micro-batches exactly.
   """
   input_mask = jnp.asarray(input_mask).astype(jnp.bool_)
-  logits = call_causal_lm(model, input_tokens, input_mask, positions, attention_mask)
-  targets = input_tokens[:, 1:]
+  # The log-probs of the next tokens, in chunks of positions for easytunix models (no [B, T, vocab] logits).
+  nll = -next_token_log_probs(model, input_tokens, input_mask, positions, attention_mask)
   mask = input_mask[:, 1:]
   if completion_mask is not None:
     mask = mask & jnp.asarray(completion_mask[:, 1:]).astype(jnp.bool_)
-  nll = -token_log_probs(logits[:, :-1], targets)
   count = mask.sum().astype(jnp.float32)
   loss = jnp.where(mask, nll, 0.0).sum() / jnp.maximum(count, 1.0)
   return loss, {NUM_TOKENS: count}
@@ -500,6 +497,7 @@ class PeftTrainer:
     optimizer = self.optimizer
     loss_fn = self.loss_fn
     graphdef = nnx.graphdef(self.model)
+    mesh = self._mesh()
 
     def micro_step(trainable, frozen, micro_batch):
       def objective(params):
@@ -512,6 +510,10 @@ class PeftTrainer:
       return loss, aux, input_tokens, grads, weight
 
     def train_step(trainable, opt_state, frozen, batch):
+      with mesh_context(mesh):  # the model's activation constraints see the mesh
+        return mesh_step(trainable, opt_state, frozen, batch)
+
+    def mesh_step(trainable, opt_state, frozen, batch):
       self.num_train_step_traces += 1
       if accumulation == 1:
         loss, aux, input_tokens, grads, weight = micro_step(trainable, frozen, batch)
@@ -553,11 +555,13 @@ class PeftTrainer:
     """``eval_step(trainable, frozen, batch) -> metrics`` (loss, aux, num_tokens)."""
     loss_fn = self.eval_loss_fn
     graphdef = nnx.graphdef(self.model)
+    mesh = self._mesh()
 
     def eval_step(trainable, frozen, batch):
       self.num_eval_step_traces += 1
       model = nnx.merge(graphdef, trainable, frozen)
-      loss, aux, _ = self._loss_and_aux(loss_fn, model, batch)
+      with mesh_context(mesh):
+        loss, aux, _ = self._loss_and_aux(loss_fn, model, batch)
       metrics = dict(aux)
       metrics["loss"] = loss
       metrics.setdefault(NUM_TOKENS, jnp.asarray(1.0, jnp.float32))
