@@ -153,3 +153,58 @@ def test_compile_options_reach_the_model_and_it_still_learns():
   bf16 = Qwen3.from_preset("qwen3_tiny", num_layers=1, dtype="bfloat16")
   with pytest.raises(ValueError, match="keeps float32 master weights"):
     bf16.compile(precision="bf16-mixed")
+
+
+def _sft_grad_fn(model: nnx.Module):
+  """The SFT trainer's own loss (default_loss_fn), which takes the log-probs through ``token_log_probs``."""
+  from easytunix.sft.peft_trainer import default_loss_fn
+
+  graphdef, state = nnx.split(model)
+
+  def loss(state, tokens, mask):
+    return default_loss_fn(nnx.merge(graphdef, state), tokens, mask)[0]
+
+  return jax.jit(jax.value_and_grad(loss)), state
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_chunked_loss_equals_the_full_logits_loss(family):
+  """Log-probs taken over chunks of positions (logits recomputed per chunk in the backward pass) give the
+  loss and gradients of the whole [B, T, vocab] logits: untied head (qwen3) and tied + soft-capped (gemma3)."""
+  if family == "qwen3":
+    model = Qwen3(ModelConfig.tiny(tie_embeddings=False), rngs=nnx.Rngs(0))
+  else:
+    model = Gemma3(Gemma3Config.tiny(final_logit_softcap=30.0), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, model.config.vocab_size, (2, 45)), jnp.int32)
+  mask = jnp.asarray(np.arange(45)[None] >= np.array([[0], [9]]))  # the second row left-padded
+  results = {}
+  for chunk in (0, 16):  # 0: one [B, T, V] logits array; 16: 8 positions x 2 rows per chunk, 6 chunks (padded)
+    model.loss_chunk_tokens = chunk
+    step, state = _sft_grad_fn(model)
+    results[chunk] = jax.device_get(step(state, tokens, mask))
+  (loss0, grads0), (loss1, grads1) = results[0], results[16]
+  # Per token the same float32 logsumexp over the same vocabulary; only the head's gradient is summed over
+  # chunks in another order (a few float32 ulps of the largest entry).
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+  for path, g0 in jax.tree_util.tree_leaves_with_path(grads0):
+    g1 = dict(jax.tree_util.tree_leaves_with_path(grads1))[path]
+    np.testing.assert_allclose(g1, g0, rtol=0, atol=1e-5 * max(np.abs(g0).max(), 1e-3), err_msg=str(path))
+
+
+def test_chunked_loss_keeps_the_logits_out_of_memory():
+  """At 4096 tokens and a 4096-token vocabulary the float32 logits are 64 MiB per copy; taken in chunks of
+  1024 tokens they never exist whole, in the forward or the backward pass."""
+  config = ModelConfig.tiny(num_layers=1, hidden_size=32, intermediate_size=32, num_heads=2, num_kv_heads=1,
+                            head_dim=16, vocab_size=4096, max_position_embeddings=4096)
+  model = Qwen3(config, rngs=nnx.Rngs(0))
+  set_attention_implementation(model, "blockwise")
+  temp = {}
+  for chunk in (0, 1024):
+    model.loss_chunk_tokens = chunk
+    step, state = _sft_grad_fn(model)
+    spec = jax.ShapeDtypeStruct((1, 4096), jnp.int32), jax.ShapeDtypeStruct((1, 4096), jnp.bool_)
+    temp[chunk] = step.lower(state, *spec).compile().memory_analysis().temp_size_in_bytes
+  logits_bytes = 4096 * 4096 * 4
+  assert temp[0] > logits_bytes, temp  # the whole logits are there without chunks (the test can tell)
+  assert temp[1024] < temp[0] - logits_bytes, temp  # chunked: at least one whole logits copy fewer

@@ -9,6 +9,14 @@ from flax import nnx
 from easytunix.layers.quantization import QuantizedKernel
 
 
+@jax.jit
+def _merge_lora(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: jax.Array) -> jax.Array:
+  """``kernel + scale * lora_a @ lora_b``, summed in float32, in the kernel's dtype: one compiled call per
+  shape (a weight sync merges every adapted kernel each GRPO step; op by op that was ~12 ms per kernel)."""
+  delta = (lora_a.astype(jnp.float32) @ lora_b.astype(jnp.float32)) * scale
+  return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
 class Linear(nnx.Module):
   """``y = x @ kernel (+ bias) (+ scale * (x @ lora_a) @ lora_b)``.
 
@@ -69,8 +77,7 @@ class Linear(nnx.Module):
     kernel = self.kernel[...]
     if self.lora_a is None:
       return kernel
-    delta = (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.lora_scale
-    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    return _merge_lora(kernel, self.lora_a[...], self.lora_b[...], jnp.float32(self.lora_scale))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # Every product is a 2-D matmul over the flattened leading axes: with [B, T, in] operands

@@ -124,4 +124,49 @@ def call_causal_lm(
   return out
 
 
-__all__ = ["accepts_padding_mask", "call_causal_lm", "model_inputs", "token_mask_of_attention"]
+def logits_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(target) per position, computed in float32: [B, T, V], [B, T] -> [B, T]."""
+  logits = jnp.asarray(logits).astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def next_token_log_probs(
+    model: Any,
+    input_tokens: jax.Array,
+    input_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    *,
+    keep: int | None = None,
+) -> jax.Array:
+  """log p(input_tokens[:, j] | input_tokens[:, :j]) for the last ``keep`` columns j: [B, keep] (float32).
+
+  ``keep`` defaults to T - 1 (every token after the first). One forward pass, called
+  the Tunix way (:func:`call_causal_lm`). An easytunix model (with ``token_log_probs``)
+  returns its hidden states and computes the log-probs in chunks of positions, so the
+  float32 [B, T, vocab] logits never exist at once (see ``CausalLM.token_log_probs``);
+  any other model's logits are used as they are.
+  """
+  tokens = jnp.asarray(input_tokens)
+  t = tokens.shape[-1]
+  keep = t - 1 if keep is None else keep
+  if not 0 < keep < t:
+    raise ValueError(f"keep must be in [1, {t - 1}] for {t} input tokens, got {keep}.")
+  targets = tokens[:, t - keep:]
+  if accepts_padding_mask(model) and hasattr(model, "token_log_probs"):
+    tokens, positions, mask = model_inputs(model, tokens, input_mask, positions, attention_mask)
+    _, _, hidden = model(tokens, positions, None, mask, return_hidden_states=True)
+    return model.token_log_probs(hidden[:, t - keep - 1 : -1], targets)
+  logits = call_causal_lm(model, tokens, input_mask, positions, attention_mask)
+  return logits_log_probs(logits[:, t - keep - 1 : -1], targets)
+
+
+__all__ = [
+    "accepts_padding_mask",
+    "call_causal_lm",
+    "logits_log_probs",
+    "model_inputs",
+    "next_token_log_probs",
+    "token_mask_of_attention",
+]

@@ -17,8 +17,7 @@ from flax import nnx
 
 from easytunix.generate.utils import bucket
 from easytunix.layers.cache import positions_from_mask
-from easytunix.models.calling import call_causal_lm
-from easytunix.sft.peft_trainer import token_log_probs
+from easytunix.models.calling import next_token_log_probs
 
 
 def completion_logps(
@@ -41,9 +40,7 @@ def completion_logps(
   mask = jnp.concatenate(
       [jnp.asarray(prompt_mask).astype(jnp.bool_), jnp.asarray(completion_mask).astype(jnp.bool_)], axis=1
   )
-  logits = call_causal_lm(model, tokens, mask)
-  width = prompt_ids.shape[1]
-  return token_log_probs(logits[:, width - 1 : -1], completion_ids)
+  return next_token_log_probs(model, tokens, mask, keep=completion_ids.shape[1])
 
 
 def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

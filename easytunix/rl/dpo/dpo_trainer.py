@@ -47,7 +47,7 @@ import optax
 from flax import nnx
 
 from easytunix.layers.cache import positions_from_mask
-from easytunix.models.calling import call_causal_lm
+from easytunix.models.calling import next_token_log_probs
 from easytunix.rl.dpo.data import (
     DpoDataset,
     TrainingInput,
@@ -57,7 +57,7 @@ from easytunix.rl.dpo.data import (
 )
 from easytunix.rl.reference import choose_reference
 from easytunix.sft.lora import lora_disabled
-from easytunix.sft.peft_trainer import NUM_TOKENS, PeftTrainer, TrainingConfig, token_log_probs
+from easytunix.sft.peft_trainer import NUM_TOKENS, PeftTrainer, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +211,7 @@ def sequence_logps(
         f"completion_mask [N, {width}] does not fit input_ids [N, {t}] with logits_to_keep={logits_to_keep}: it "
         "covers every column (width T) or the last logits_to_keep columns (0 < logits_to_keep < T)."
     )
-  logits = call_causal_lm(model, input_ids, positions=positions, attention_mask=attention_mask)
-  logps = token_log_probs(logits[:, -keep - 1 : -1], input_ids[:, -keep:])
+  logps = next_token_log_probs(model, input_ids, positions=positions, attention_mask=attention_mask, keep=keep)
   mask = completion_mask[:, -keep:]
   if attention_mask.ndim == 2:
     mask = mask & attention_mask[:, -keep:]
