@@ -312,6 +312,14 @@ class DecoderLayer(nnx.Module):
     return out, new_cache
 
 
+def _head_logits(head: nnx.Module, hidden: jax.Array, softcap: float | None) -> jax.Array:
+  """The output layer: an untied ``lm_head`` (Linear) or the tied embedder's ``decode``, then the soft cap."""
+  logits = head.decode(hidden) if isinstance(head, Embedder) else head(hidden)
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
+  return logits
+
+
 def _call_layer(layer, x, positions, mask, layer_cache, cache_index):
   return layer(x, positions, mask, layer_cache, cache_index)
 
@@ -461,11 +469,10 @@ class CausalLM(nnx.Module):
     pass does after the last norm, so a caller holding hidden states (the sampler's prefill, which
     needs only the last slot) gets the same logits without projecting every position.
     """
-    logits = self.lm_head(hidden) if self.lm_head is not None else self.embedder.decode(hidden)
-    if self.config.final_logit_softcap is not None:
-      cap = self.config.final_logit_softcap
-      logits = jnp.tanh(logits / cap) * cap
-    return logits
+    return _head_logits(self._head(), hidden, self.config.final_logit_softcap)
+
+  def _head(self) -> nnx.Module:
+    return self.lm_head if self.lm_head is not None else self.embedder
 
   def token_log_probs(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
     """log p(target) per position from final-norm hidden states: [B, K, D], [B, K] -> [B, K] (float32).
@@ -477,24 +484,20 @@ class CausalLM(nnx.Module):
     At 32k tokens and a 150k vocabulary that is 18 GiB per copy.
     """
     b, k, d = hidden.shape
-    width = max(1, self.loss_chunk_tokens // b)  # positions per chunk; every chunk keeps all rows (the batch axis
-    if not self.loss_chunk_tokens or k <= width:  # stays split over the devices as it is)
+    # Positions per chunk; every chunk keeps all rows, so the batch axis stays split over the devices.
+    width = max(1, self.loss_chunk_tokens // b)
+    if not self.loss_chunk_tokens or k <= width:
       return logits_log_probs(self.logits(hidden), targets)
     pad = (-k) % width
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     chunks = (hidden.reshape(b, -1, width, d).swapaxes(0, 1), targets.reshape(b, -1, width).swapaxes(0, 1))
-    tied = self.lm_head is None
-    graphdef, state = nnx.split(self.embedder if tied else self.lm_head)
+    graphdef, state = nnx.split(self._head())
     cap = self.config.final_logit_softcap
 
     @jax.checkpoint
     def chunk_log_probs(state, h, t):
-      head = nnx.merge(graphdef, state)
-      logits = head.decode(h) if tied else head(h)
-      if cap is not None:
-        logits = jnp.tanh(logits / cap) * cap
-      return logits_log_probs(logits, t)
+      return logits_log_probs(_head_logits(nnx.merge(graphdef, state), h, cap), t)
 
     _, out = jax.lax.scan(lambda carry, xs: (carry, chunk_log_probs(state, *xs)), None, chunks)
     return out.swapaxes(0, 1).reshape(b, -1)[:, :k]
