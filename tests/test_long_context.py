@@ -208,3 +208,24 @@ def test_chunked_loss_keeps_the_logits_out_of_memory():
   logits_bytes = 4096 * 4096 * 4
   assert temp[0] > logits_bytes, temp  # the whole logits are there without chunks (the test can tell)
   assert temp[1024] < temp[0] - logits_bytes, temp  # chunked: at least one whole logits copy fewer
+
+
+def test_remat_saves_memory_in_the_trainer_step_with_gradient_clipping():
+  """The trainer's step (AdamW, clipping at 1.0, as compile() builds it) keeps remat's saving: on XLA:CPU an
+  update that waits on the global gradient norm made the scheduler keep every block's activations."""
+  import optax
+
+  from easytunix.sft.peft_trainer import PeftTrainer, TrainingConfig, TrainingInput
+
+  temp = {}
+  for policy in ("none", "block"):
+    model = _tiny(256, num_layers=4)
+    model.set_remat(policy)
+    trainer = PeftTrainer(model, optax.adamw(1e-3), TrainingConfig(max_grad_norm=1.0, show_progress_bar=False))
+    step, _ = trainer.jit_train_and_eval_step()
+    _, trainable, frozen = nnx.split(model, trainer._trainable_filter(), ...)  # noqa: SLF001
+    tokens = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+    batch = TrainingInput(input_tokens=tokens, input_mask=jax.ShapeDtypeStruct((2, 256), jnp.bool_))
+    compiled = step.lower(nnx.as_pure(trainable), trainer.opt_state, nnx.as_pure(frozen), batch).compile()
+    temp[policy] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp["block"] < 0.6 * temp["none"], temp

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -214,6 +215,33 @@ def default_loss_fn(
   count = mask.sum().astype(jnp.float32)
   loss = jnp.where(mask, nll, 0.0).sum() / jnp.maximum(count, 1.0)
   return loss, {NUM_TOKENS: count}
+
+
+def _scheduled_apart(fn: Callable[..., Any], trainable: Any, *args: Any) -> Any:
+  """``fn(trainable, *args)`` inside a ``lax.cond`` whose predicate is true but unknown to the compiler.
+
+  The branch is compiled and scheduled as a computation of its own, so what follows it (the gradient
+  clipping's global norm) cannot reorder its work. Measured on XLA:CPU with block remat (Qwen3-0.6B LoRA,
+  6 layers, 8k tokens): 4.07 GiB of temporaries inline, 2.15 GiB in the branch, as without clipping.
+  The other branch (never taken) returns zeros of the same structure.
+  """
+  shapes = []
+
+  def taken(*operands):
+    out = fn(*operands)
+    shapes.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), out))
+    return out
+
+  def never(*operands):
+    spec = shapes[0] if shapes else jax.eval_shape(fn, *operands)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+
+  leaves = jax.tree.leaves(trainable)
+  if not leaves:
+    return fn(trainable, *args)
+  x = jnp.ravel(leaves[0])[0]
+  pred = (x == x) | (x != x)  # true for every value, NaN included; XLA does not fold it
+  return jax.lax.cond(pred, taken, never, trainable, *args)
 
 
 def _find_hyperparam(opt_state: Any, name: str) -> Any:
@@ -498,6 +526,11 @@ class PeftTrainer:
     loss_fn = self.loss_fn
     graphdef = nnx.graphdef(self.model)
     mesh = self._mesh()
+    # XLA:CPU schedules a backward pass whose gradients feed a global norm (clipping) so that every remat'd
+    # block's activations stay alive: remat then saves nothing. In a branch of its own the backward is
+    # scheduled apart and keeps the saving (see _scheduled_apart). GPUs/TPUs are left as they are.
+    apart = (jax.default_backend() == "cpu" and max_grad_norm is not None
+             and getattr(self.model, "remat", "none") != "none")
 
     def micro_step(trainable, frozen, micro_batch):
       def objective(params):
@@ -516,7 +549,8 @@ class PeftTrainer:
     def mesh_step(trainable, opt_state, frozen, batch):
       self.num_train_step_traces += 1
       if accumulation == 1:
-        loss, aux, input_tokens, grads, weight = micro_step(trainable, frozen, batch)
+        step = functools.partial(_scheduled_apart, micro_step) if apart else micro_step
+        loss, aux, input_tokens, grads, weight = step(trainable, frozen, batch)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
       else:
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
