@@ -72,6 +72,8 @@ CLIP: list[float | None] = [None]  # the max_grad_norm of the compiled steps (--
 CLIP_NOTE = ("No gradient clipping in these compiles (--clip 1.0 adds it): the figures are the same with it "
              "(Qwen3-0.6B LoRA, 8192 tokens, 1 device: 3.71 GiB both), the trainer scheduling the backward pass "
              "apart from the clipping's global norm.")
+GIB = 2**30
+BUDGETS_GB = (24, 40, 80)
 
 
 @dataclasses.dataclass(frozen=True)
