@@ -153,7 +153,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
       merged = linear.merged_kernel()
       if getattr(kernel, "sharding", None) is not None and not isinstance(kernel, jax.core.Tracer):
         merged = jax.device_put(merged, kernel.sharding)
-      linear.kernel[...] = merged
+      linear.kernel.set_value(merged)
     linear.lora_a = None
     linear.lora_b = None
     linear.lora_scale = 0.0
@@ -274,12 +274,12 @@ def lora_disabled(model: nnx.Module) -> Iterator[nnx.Module]:
   for linear in lora_modules(model).values():
     value = linear.lora_b[...]
     saved.append((linear, value))
-    linear.lora_b[...] = jnp.zeros_like(value)
+    linear.lora_b.set_value(jnp.zeros_like(value))
   try:
     yield model
   finally:
     for linear, value in saved:
-      linear.lora_b[...] = value
+      linear.lora_b.set_value(value)
 
 
 def trainable_filter(model: nnx.Module) -> Any:
