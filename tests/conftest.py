@@ -19,7 +19,8 @@ from tests import hf_reference  # noqa: E402
 # One XLA compilation cache per test run, shared by the xdist workers (they inherit the controller's
 # environment): many tests compile the same small programs (a tiny preset's train step, its sampler), and
 # a hit skips XLA's compiler, not our tracing, so every test still runs our code. The cache starts empty in
-# every run and is removed at its end: nothing carries over from an earlier run.
+# every run and is removed at its end: nothing carries over from an earlier run. Every program is cached, the
+# small eager ones too: XLA compiles take half of the suite's worker time (3,981 compiles, 1,082 of 2,198 s).
 _CACHE_ENV = "EASYTUNIX_TEST_COMPILATION_CACHE"
 
 
@@ -30,7 +31,7 @@ def pytest_configure(config):
   import jax
 
   jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
