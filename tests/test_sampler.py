@@ -192,6 +192,13 @@ def test_compiles_once_per_bucket_and_weight_updates_do_not_recompile(tiny):
   held.embedder.embedding[...] = held.embedder.embedding[...] * 0.5
   assert tokens() != before
   assert sampler.trace_counts == {"prefill": 1, "decode": 1}
+  # Host arrays (as a checkpoint reader gives them) go where the old weights live: the compiled programs
+  # (specialised to their inputs' placement too) run them, none is compiled again.
+  expected = tokens()
+  compiled = sampler._prefill_jit._cache_size(), sampler._decode_jit._cache_size()  # noqa: SLF001
+  sampler.update_params(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(held, nnx.Param))))
+  assert tokens() == expected
+  assert (sampler._prefill_jit._cache_size(), sampler._decode_jit._cache_size()) == compiled  # noqa: SLF001
 
   with pytest.raises(ValueError, match="same shapes and dtypes"):
     sampler.update_params({"embedder": {"embedding": jnp.zeros((7, 3))}})

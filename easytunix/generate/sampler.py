@@ -282,6 +282,7 @@ class Sampler(BaseSampler):
       self.transformer, self._state = new, state
       return
     self._check_incoming(new)
+    new = self._placed(new)
     before = jax.tree.map(lambda x: x, self._state)  # a snapshot to roll back to
     nnx.update(self.transformer, new)
     try:
@@ -315,6 +316,19 @@ class Sampler(BaseSampler):
             f"the sampler's model has {jnp.result_type(want)}{list(np.shape(want))}; pass weights of the same "
             "shapes and dtypes, or build a new Sampler."
         )
+
+  def _placed(self, new: Any) -> Any:
+    """``new`` (checked by ``_check_incoming``) with each array where the weight it replaces lives."""
+    if isinstance(new, nnx.State):
+      new = nnx.to_pure_dict(new)
+    have = _flat_leaves(nnx.to_pure_dict(self._state))
+
+    def walk(tree: Any, prefix: tuple[str, ...]) -> Any:
+      if isinstance(tree, dict):
+        return {key: walk(value, prefix + (str(key),)) for key, value in tree.items()}
+      return _placed_like(tree, have[prefix])
+
+    return walk(new, ())
 
   def _check_signature(self, state: Any) -> None:
     got = self._abstract(state)
@@ -696,6 +710,20 @@ class Sampler(BaseSampler):
         yield np.asarray(token)
 
     return stream_chunks(prompts, step_tokens(), self._decode_text, eos, steps, echo)
+
+
+def _placed_like(value: Any, current: Any) -> Any:
+  """``value`` on the sharding of ``current``, the weight it replaces.
+
+  The compiled prefill/decode programs are specialised to their inputs' shardings: weights that arrive
+  placed otherwise (host arrays, another sharding object for the same devices) would compile them again.
+  """
+  if not isinstance(current, jax.Array) or isinstance(current, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+    return value
+  committed = current.committed  # an uncommitted array (made on the default device) is another signature too
+  if isinstance(value, jax.Array) and value.sharding == current.sharding and value.committed == committed:
+    return value
+  return jax.device_put(value, current.sharding) if committed else jax.device_put(value)
 
 
 def _flat_leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
