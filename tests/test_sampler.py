@@ -206,6 +206,28 @@ def test_compiles_once_per_bucket_and_weight_updates_do_not_recompile(tiny):
     sampler.update_params(load_model(tiny("llama3")[3], dtype="float32"))
 
 
+def test_training_between_two_calls_compiles_nothing_again():
+  """Freshly initialized weights are not pinned to a device, and a jitted train step's outputs are: JAX
+  compiles once per placement, so a sampler used before and after training (a GRPO rollout, ``generate``
+  after ``fit``) compiled everything twice. The sampler and the trainer pin the model where it is."""
+  import optax
+
+  from easytunix.models.qwen3 import ModelConfig, Qwen3
+  from easytunix.sft.peft_trainer import PeftTrainer, TrainingConfig, TrainingInput
+
+  model = Qwen3(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+  assert not any(x.committed for x in jax.tree.leaves(nnx.state(model)))  # the case this test is about
+  sampler = Sampler(model, None, CacheConfig.for_model(model, cache_size=32))
+  prompts = [[1, 2, 3], [4, 5]]
+  before = [t.tolist() for t in sampler(prompts, 8, eos_tokens=[]).tokens]
+  rows = np.arange(1, 25, dtype=np.int32).reshape(2, 12)
+  batch = TrainingInput(rows, np.ones_like(rows, bool), np.ones_like(rows, bool))
+  PeftTrainer(model, optax.sgd(1.0), TrainingConfig(max_steps=2, show_progress_bar=False)).train([batch] * 2)
+  after = [t.tolist() for t in sampler(prompts, 8, eos_tokens=[]).tokens]
+  assert after != before  # the sampler runs the trained weights (it holds the model's variables)
+  assert (sampler._prefill_jit._cache_size(), sampler._decode_jit._cache_size()) == (1, 1)  # noqa: SLF001
+
+
 @pytest.mark.parametrize("arch,sampling", [("llama3", False), ("llama3", True), ("gemma", False)])
 def test_stream_joins_to_the_same_text(tiny, arch, sampling):
   sampler, _, _, _ = tiny(arch)

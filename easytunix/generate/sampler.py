@@ -52,6 +52,7 @@ from easytunix.generate.utils import (
     fine_bucket,
 )
 from easytunix.layers.cache import KVCache, init_cache, make_decode_mask, positions_from_mask
+from easytunix.layers.sharding import commit_model
 
 __all__ = [
     "CacheConfig",
@@ -207,7 +208,7 @@ class Sampler(BaseSampler):
     self._check_cache_matches(transformer, cache_config)
     config = getattr(transformer, "config", None)
     super().__init__(tokenizer, getattr(config, "vocab_size", None))
-    self.transformer = transformer
+    self.transformer = commit_model(transformer)  # the same programs before and after a trainer's steps
     self.cache_config = cache_config
     self._graphdef, self._state = nnx.split(transformer)
     self._signature = self._abstract(self._state)
@@ -272,7 +273,7 @@ class Sampler(BaseSampler):
       elif isinstance(new, nnx.State):
         new = new.filter(*filter_types)
     if isinstance(new, nnx.Module):
-      graphdef, state = nnx.split(new)
+      graphdef, state = nnx.split(commit_model(new))
       if graphdef != self._graphdef:
         raise ValueError(
             "update_params got a model with a different structure (another architecture, or LoRA "

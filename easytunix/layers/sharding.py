@@ -243,6 +243,22 @@ def shard_model(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
   return model
 
 
+def commit_model(model: nnx.Module) -> nnx.Module:
+  """Pins every array of ``model`` to where it already is, in place (no copy, no move).
+
+  JAX compiles a program once per placement of its inputs, and "not pinned" (a freshly initialized
+  array) is another placement than "pinned to device 0" (what a jitted step returns). Trainers and
+  samplers pin their model first, so the programs they compile before a training step are the ones
+  they use after it (a GRPO rollout, a DPO reference pass, ``generate`` after ``fit``).
+  """
+  for _, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Variable):
+      value = var.get_value()
+      if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and not value.committed:
+        var.set_value(jax.device_put(value, value.sharding))
+  return model
+
+
 def module_mesh(module: nnx.Module | None) -> Mesh | None:
   """The mesh ``module``'s parameters live on (None: no module, or not placed on a mesh).
 

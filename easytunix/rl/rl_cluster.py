@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from easytunix.generate.sampler import CacheConfig, Sampler, SamplerOutput
 from easytunix.generate.tokenizer_adapter import tokenizer_pad_id
-from easytunix.layers.sharding import as_mesh, module_mesh, path_str, shard_model, variable_placement
+from easytunix.layers.sharding import as_mesh, commit_model, module_mesh, path_str, shard_model, variable_placement
 from easytunix.rl.common import bucket, completion_logps, left_pad, right_pad
 from easytunix.rl.reference import choose_reference
 from easytunix.sft.lora import is_lora_enabled, lora_disabled, trainable_filter
@@ -366,12 +366,13 @@ class RLCluster:
     if isinstance(model, (str, Path)):
       from easytunix.models import load_model
 
-      return load_model(model, mesh=mesh)
+      return commit_model(load_model(model, mesh=mesh))
     if not isinstance(model, nnx.Module):
       raise TypeError(f"The {what} must be an nnx.Module or a model folder path, got {type(model).__name__}.")
     if mesh is not None and not same_devices(module_mesh(model), mesh):
       shard_model(model, mesh)
-    return model
+    # Pinned where it is: the rollout, log-prob and train programs then see one placement throughout.
+    return commit_model(model)
 
   def mesh(self, role: Role) -> Mesh | None:
     """The mesh of ``role`` (None: the default device)."""

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from easytunix.distributed import is_main_process
-from easytunix.layers.sharding import mesh_context, module_mesh
+from easytunix.layers.sharding import commit_model, mesh_context, module_mesh
 from easytunix.layers.sharding import place as place_on_sharding
 from easytunix.models.calling import logits_log_probs, next_token_log_probs
 from easytunix.sft import hooks as hooks_lib
@@ -435,6 +435,9 @@ class PeftTrainer:
     self._live: _LiveState | None = None
     self._warned_non_finite = False
 
+    # Pinned in place, so that every program taking the model (a sampler's, a reference pass) sees one
+    # placement before and after the train steps (whose outputs are pinned).
+    commit_model(model)
     _, trainable, _ = nnx.split(model, self._trainable_filter(), ...)
     if not jax.tree.leaves(trainable):
       raise ValueError("The model has no trainable parameters (no nnx.Param / nnx.LoRAParam found).")
