@@ -717,17 +717,16 @@ class Sampler(BaseSampler):
 
 
 def _placed_like(value: Any, current: Any) -> Any:
-  """``value`` on the sharding of ``current``, the weight it replaces.
+  """``value`` on the sharding of ``current``, the weight it replaces (pinned: see ``commit_model``).
 
   The compiled prefill/decode programs are specialised to their inputs' shardings: weights that arrive
   placed otherwise (host arrays, another sharding object for the same devices) would compile them again.
   """
   if not isinstance(current, jax.Array) or isinstance(current, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
     return value
-  committed = current.committed  # an uncommitted array (made on the default device) is another signature too
-  if isinstance(value, jax.Array) and value.sharding == current.sharding and value.committed == committed:
+  if isinstance(value, jax.Array) and value.committed and value.sharding == current.sharding:
     return value
-  return jax.device_put(value, current.sharding) if committed else jax.device_put(value)
+  return jax.device_put(value, current.sharding)
 
 
 def _flat_leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

@@ -366,10 +366,10 @@ class RLCluster:
     if isinstance(model, (str, Path)):
       from easytunix.models import load_model
 
-      return commit_model(load_model(model, mesh=mesh))
-    if not isinstance(model, nnx.Module):
+      model = load_model(model, mesh=mesh)
+    elif not isinstance(model, nnx.Module):
       raise TypeError(f"The {what} must be an nnx.Module or a model folder path, got {type(model).__name__}.")
-    if mesh is not None and not same_devices(module_mesh(model), mesh):
+    elif mesh is not None and not same_devices(module_mesh(model), mesh):
       shard_model(model, mesh)
     # Pinned where it is: the rollout, log-prob and train programs then see one placement throughout.
     return commit_model(model)
