@@ -160,15 +160,16 @@ def test_loss_fn_uses_the_model_and_its_logps_match_the_sampler(tokenizer):
   ids = cluster.tokenize_prompts(["12+7=", "3+4=", "45+44="])
   out = cluster.generate(ids, seed=3, return_logprobs=True, eos_tokens=[])
   rollout = cluster.rollout(ids, seed=3)
-  lp = np.asarray(completion_logps(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                   rollout.completion_mask))
+  # Compiled (nnx.jit): op by op, the forward pass compiles every eager op of the model anew.
+  lp = np.asarray(nnx.jit(completion_logps)(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                            rollout.completion_mask))
   for i in range(3):
     n = len(out.tokens[i])
     np.testing.assert_array_equal(rollout.completion_ids[i, :n], out.tokens[i])
     np.testing.assert_allclose(lp[i, :n], out.logprobs[i], rtol=0, atol=LOGP_ATOL)
   example = TrainExample(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
                          advantages=np.asarray([1.0, -0.5, 0.25], np.float32))
-  loss, aux = grpo_loss_fn(model, example, beta=0.1, epsilon=0.2, loss_algo="grpo")
+  loss, aux = nnx.jit(grpo_loss_fn, static_argnames="loss_algo")(model, example, beta=0.1, epsilon=0.2, loss_algo="grpo")
   want, _ = grpo_objective(lp, rollout.completion_mask, example.advantages, None, None, beta=0.1, epsilon=0.2)
   # Without pi_old or a reference every ratio is exactly 1: both are -mean(advantages) = -0.25 up to a
   # few float32 roundings; a wrong sign, weight or mask is off by > 1e-2.
