@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -52,7 +53,7 @@ from easytunix.generate.utils import (
     fine_bucket,
 )
 from easytunix.layers.cache import KVCache, init_cache, make_decode_mask, positions_from_mask
-from easytunix.layers.sharding import commit_model
+from easytunix.layers.sharding import commit_model, mesh_context, module_mesh
 
 __all__ = [
     "CacheConfig",
@@ -216,14 +217,29 @@ class Sampler(BaseSampler):
     self.cache_dtype = jnp.dtype(cache_config.dtype if cache_config.dtype is not None else model_dtype or jnp.float32)
     self._rng = jax.random.key(0)
     self._trace_counts: collections.Counter = collections.Counter()
-    self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
-    self._decode_jit = jax.jit(self._decode_impl, static_argnames=("mode", "out_len"), donate_argnames=("cache",))
+    # On a mesh, every program is traced under it (as the trainers' steps are), so the model's activation
+    # constraints apply: the batch stays split over the data axes instead of being left to propagation.
+    self.mesh = module_mesh(transformer)
+    on_mesh = self._on_mesh
+    self._prefill_jit = jax.jit(on_mesh(self._prefill_impl), static_argnames=("cache_len",))
+    self._decode_jit = jax.jit(
+        on_mesh(self._decode_impl), static_argnames=("mode", "out_len"), donate_argnames=("cache",))
     self._beam_jit = jax.jit(
-        self._beam_impl,
+        on_mesh(self._beam_impl),
         static_argnames=("beam_size", "out_len", "early_stopping", "return_logprobs"),
     )
     self._first_jit = jax.jit(self._first_impl, static_argnames=("mode",))
-    self._step_jit = jax.jit(self._step_impl, static_argnames=("mode",), donate_argnames=("cache",))
+    self._step_jit = jax.jit(on_mesh(self._step_impl), static_argnames=("mode",), donate_argnames=("cache",))
+
+  def _on_mesh(self, fn):
+    """``fn`` traced under the model's mesh (:func:`~easytunix.layers.sharding.mesh_context`)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      with mesh_context(self.mesh):
+        return fn(*args, **kwargs)
+
+    return traced
 
   # ------------------------------------------------------------------ weights
 
@@ -281,6 +297,7 @@ class Sampler(BaseSampler):
         )
       self._check_signature(state)
       self.transformer, self._state = new, state
+      self.mesh = module_mesh(new)  # a model placed elsewhere retraces (new input shardings) under its mesh
       return
     new = self._placed(new, self._check_incoming(new))
     before = jax.tree.map(lambda x: x, self._state)  # a snapshot to roll back to
