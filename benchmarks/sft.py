@@ -149,7 +149,7 @@ TUNIX_WORKER = textwrap.dedent(
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         num_kv_heads=hf["num_key_value_heads"], rope_theta=int((hf.get("rope_parameters") or hf).get("rope_theta", 10000)),
         norm_eps=hf["rms_norm_eps"], weight_tying=hf.get("tie_word_embeddings", False))
-    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)  # jax 0.10: Explicit by default
     model = llama3_params.create_model_from_safe_tensors(folder, config, mesh)
     if lora:
       provider = qwix.LoraProvider(module_path="|".join(".*" + t for t in {targets}), rank={rank}, alpha={alpha})
@@ -167,15 +167,15 @@ TUNIX_WORKER = textwrap.dedent(
       def on_train_start(self, ctx): pass
       def on_train_end(self, ctx): pass
       def on_train_step_start(self, ctx): self.start, self.cpu = time.perf_counter(), time.process_time()
-      def on_train_step_end(self, ctx, loss):
-        jax.block_until_ready(loss); times.append(time.perf_counter() - self.start)
+      def on_train_step_end(self, ctx, *step_and_loss):  # Tunix 0.1.7 passes (ctx, step, loss); its docs (ctx, loss)
+        jax.block_until_ready(step_and_loss[-1]); times.append(time.perf_counter() - self.start)
         cpu_times.append(time.process_time() - self.cpu)
       def on_eval_step_start(self, ctx): pass
       def on_eval_step_end(self, ctx, loss): pass
 
     cfg = peft_trainer.TrainingConfig(eval_every_n_steps=10**6, max_steps=warmup + steps)
     trainer = peft_trainer.PeftTrainer(model, optax.adamw({lr}), cfg).with_gen_model_input_fn(gen_model_input)
-    trainer = trainer.with_training_hooks(Timer())
+    trainer.with_training_hooks(Timer())  # returns None in Tunix 0.1.7 (our with_* return the trainer)
     trainer.train(batches)
     step = statistics.median(times[warmup:])
     cpu = statistics.median(cpu_times[warmup:])
