@@ -91,11 +91,13 @@ class ToyTransformer(nnx.Module):
       context = x
       if cache is not None:
         layer = cache.layers[i]
+        heads, _, width = layer.k.shape[1:]  # the cache is [B, K, S, H]
         stored = jax.lax.dynamic_update_slice(
-            layer.k, x.reshape(b, t, *layer.k.shape[2:]).astype(layer.k.dtype), (0, cache.index, 0, 0)
+            layer.k, x.reshape(b, t, heads, width).transpose(0, 2, 1, 3).astype(layer.k.dtype),
+            (0, 0, cache.index, 0),
         )
         layers.append(type(layer)(stored, layer.v))
-        context = stored.reshape(b, stored.shape[1], d)
+        context = stored.transpose(0, 2, 1, 3).reshape(b, stored.shape[2], d)
       x = block(x, context, attention_mask)
     new_cache = None if cache is None else type(cache)(tuple(layers), cache.index + t)
     return self.head(x), new_cache

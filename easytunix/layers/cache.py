@@ -14,7 +14,11 @@ import jax.numpy as jnp
 
 
 class LayerCache(NamedTuple):
-  """One layer's keys and values, [batch, max_len, num_kv_heads, head_dim]."""
+  """One layer's keys and values, [batch, num_kv_heads, max_len, head_dim] (heads before slots).
+
+  Heads-major, so that attention reads the cache as batched matmuls over (batch, head) without
+  copying it into another layout at every decode step.
+  """
 
   k: jax.Array
   v: jax.Array
@@ -28,7 +32,7 @@ class KVCache(NamedTuple):
 
   @property
   def max_len(self) -> int:
-    return self.layers[0].k.shape[1]
+    return self.layers[0].k.shape[2]
 
   @property
   def batch_size(self) -> int:
@@ -44,7 +48,7 @@ def init_cache(
     dtype: jnp.dtype = jnp.float32,
 ) -> KVCache:
   """An empty cache."""
-  shape = (batch_size, max_len, num_kv_heads, head_dim)
+  shape = (batch_size, num_kv_heads, max_len, head_dim)
   layers = tuple(
       LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)
   )
