@@ -363,6 +363,10 @@ def test_the_sampler_modules_and_their_shared_pieces(tiny):
   assert [utils.bucket(n, 1) for n in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, 16]
   assert utils.bucket(3) == 16 and utils.bucket(40, 16, 32) == 32
   assert [utils.fine_bucket(n, 1) for n in (1, 3, 4, 5, 7, 9, 13, 17)] == [1, 3, 4, 6, 8, 12, 16, 24]
+  assert [utils.fine_bucket(n, 16, 4) for n in (3, 17, 33, 41, 54, 57, 100)] == [16, 20, 40, 48, 56, 64, 112]
+  assert [utils.fine_bucket(n, 1, 4) for n in (1, 2, 3, 5, 9)] == [1, 2, 3, 5, 10]
+  with pytest.raises(ValueError, match="power of two"):
+    utils.fine_bucket(5, 1, 3)
   mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
   assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
   # The model owns its output head: logits(hidden) is what the forward pass returns.

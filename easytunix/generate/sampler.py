@@ -391,8 +391,8 @@ class Sampler(BaseSampler):
 
   def _plan(
       self, lengths: list[int], max_generation_steps: int, max_prompt_length: int | None = None
-  ) -> tuple[int, int, int]:
-    """(batch bucket, prompt bucket, steps bucket) for these prompts; validates the sizes.
+  ) -> tuple[int, int, int, int]:
+    """(batch bucket, prompt bucket, steps bucket, cache length) for these prompts; validates the sizes.
 
     ``max_prompt_length`` (when the prompts fit in it) is the prompt width, so
     calls with other prompt lengths reuse one compiled program (as Tunix).
@@ -414,7 +414,9 @@ class Sampler(BaseSampler):
     batch_bucket = fine_bucket(batch, 1)
     if cfg.max_batch_size is not None:
       batch_bucket = min(batch_bucket, cfg.max_batch_size)
-    prompt_bucket = fine_bucket(longest, MIN_PROMPT_BUCKET)
+    # The prefill's cost is its padded width: beyond 32 tokens, four widths per octave (padding
+    # under a quarter); the decode program sees only the coarser cache length below.
+    prompt_bucket = fine_bucket(longest, MIN_PROMPT_BUCKET, per_octave=4 if longest > 32 else 2)
     if max_prompt_length is not None and longest <= max_prompt_length <= cfg.cache_size - max_generation_steps:
       prompt_bucket = int(max_prompt_length)
     # The step budget only sizes buffers (the loop bound is a runtime value): powers of two suffice.
@@ -422,7 +424,8 @@ class Sampler(BaseSampler):
     if prompt_bucket + steps_bucket > cfg.cache_size:
       steps_bucket = max(max_generation_steps, cfg.cache_size - prompt_bucket)
       prompt_bucket = min(prompt_bucket, cfg.cache_size - steps_bucket)
-    return batch_bucket, prompt_bucket, steps_bucket
+    cache_len = min(fine_bucket(prompt_bucket + steps_bucket, 1), cfg.cache_size)
+    return batch_bucket, prompt_bucket, steps_bucket, cache_len
 
   # ------------------------------------------------------------------ jitted pieces
 
@@ -521,10 +524,10 @@ class Sampler(BaseSampler):
       raise ValueError(f"max_prompt_length must be a positive int or None, got {max_prompt_length!r}.")
     ids = self._prompt_ids(prompts)
     lengths = [len(x) for x in ids]
-    batch_bucket, prompt_bucket, steps_bucket = self._plan(lengths, steps, max_prompt_length)
+    batch_bucket, prompt_bucket, steps_bucket, cache_len = self._plan(lengths, steps, max_prompt_length)
     tokens, valid = self._left_pad(ids, prompt_bucket, rows=batch_bucket)
     cache, logits, key_valid, positions = self._prefill_jit(
-        self._params(), jnp.asarray(tokens), jnp.asarray(valid), cache_len=prompt_bucket + steps_bucket
+        self._params(), jnp.asarray(tokens), jnp.asarray(valid), cache_len=cache_len
     )
     return SampleState(cache, logits, key_valid, positions, tokens, lengths, len(ids), steps_bucket)
 

@@ -36,15 +36,22 @@ def bucket(n: int, minimum: int = 16, maximum: int | None = None) -> int:
   return min(value, maximum) if maximum is not None else value
 
 
-def fine_bucket(n: int, minimum: int) -> int:
-  """The bucket of ``n`` (at least ``minimum``): the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...
+def fine_bucket(n: int, minimum: int, per_octave: int = 2) -> int:
+  """The bucket of ``n`` (at least ``minimum``): ``per_octave`` evenly spaced sizes in each octave.
 
-  Two buckets per octave (powers of two and three quarters of them) keep the
-  padding under a third of the work, with few distinct shapes to compile.
+  Two per octave (the default) is the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...:
+  powers of two and three quarters of them, padding under a third of the work with few
+  distinct shapes to compile. Four per octave (..., 32, 40, 48, 56, 64, 80, ...) pads under
+  a quarter, for more shapes. ``per_octave`` is a power of two.
   """
-  power = bucket(n, minimum)
-  three_quarters = power // 2 + power // 4
-  return three_quarters if power >= 4 and max(n, minimum) <= three_quarters else power
+  if per_octave < 1 or per_octave & (per_octave - 1):
+    raise ValueError(f"per_octave must be a power of two, got {per_octave}.")
+  n = max(int(n), int(minimum), 1)
+  power = bucket(n, 1)
+  step = power // (2 * per_octave)
+  if step < 1:  # a small octave has fewer whole sizes than per_octave
+    return fine_bucket(n, 1, per_octave // 2) if per_octave > 1 else power
+  return power // 2 + step * -(-(n - power // 2) // step)
 
 
 def is_python_number(x: Any) -> bool:
