@@ -181,10 +181,9 @@ class Attention(nnx.Module):
           cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (zero, zero, start, zero))
       new_cache = LayerCache(k_heads, v_heads)
       k_heads, v_heads = k_heads.astype(self.dtype), v_heads.astype(self.dtype)
-      s = k_heads.shape[2]
     else:
-      k_heads = v_heads = None
-      s = t
+      k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    s = k_heads.shape[2]
 
     groups = c.num_heads // c.num_kv_heads
     qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
@@ -214,8 +213,6 @@ class Attention(nnx.Module):
     # query groups and positions as one row dimension: XLA:CPU then copies no [b, k, g, t, s]
     # tensor into another layout (the backward pass ran ~1.8x slower in the mixed layout); on GPU
     # the transposes are as cheap as the strides they replace. Same products, same values.
-    if cache is None:
-      k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     qm = qg.transpose(0, 2, 3, 1, 4).reshape(b, c.num_kv_heads, groups * t, c.head_dim)
     scores = jnp.einsum("bkmh,bksh->bkms", qm, k_heads, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, c.num_kv_heads, groups, t, s) * c.scale
