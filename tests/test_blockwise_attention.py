@@ -153,6 +153,10 @@ def test_memory_linear_in_sequence():
   assert bw[1] < dn[1] / 8, (bw, dn)
 
 
+CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU dispatch (tests/test_gpu.py covers GPUs)")
+
+
+@CPU_ONLY
 def test_select_implementation_on_cpu():
   assert jax.default_backend() == "cpu"
   q = jnp.zeros((1, 4, 1, 2, 64), jnp.bfloat16)
@@ -172,7 +176,7 @@ def test_select_implementation_on_cpu():
   # The cases that keep cuDNN out.
   assert "soft-capping" in ba.cudnn_unsupported_reason(q, k, softcap=50.0)
   assert "bf16/fp16" in ba.cudnn_unsupported_reason(q.astype(jnp.float32), k.astype(jnp.float32))
-  assert "kv_lengths" in ba.cudnn_unsupported_reason(q, k, key_valid=jnp.ones((1, 4), bool))
+  assert ba.cudnn_unsupported_reason(q, k, key_valid=jnp.ones((1, 4), bool)) is None  # checked at run time
   assert "q_offset" in ba.cudnn_unsupported_reason(q, k, q_offset=jnp.int32(0))
   assert "head width" in ba.cudnn_unsupported_reason(q[..., :12], k[..., :12])
   assert "causal" in ba.cudnn_unsupported_reason(q, k, causal=False, sliding_window=4)
@@ -200,3 +204,42 @@ def test_auto_and_cudnn_argument_mapping():
   mapped, auto = _compile_and_run(both, q, k, v, lengths)
   np.testing.assert_allclose(mapped, want, rtol=OUT_TOL, atol=OUT_TOL)
   np.testing.assert_allclose(auto, want, rtol=OUT_TOL, atol=OUT_TOL)
+
+
+@CPU_ONLY
+def test_key_valid_reaches_cudnn_only_when_right_padded(monkeypatch):
+  """With a key_valid mask, "cudnn" runs on the device's check that every row is right-padded; left
+  padding takes the dense path inside the same program. cuDNN is stood in for by the "xla"
+  implementation of jax.nn.dot_product_attention (same arguments), which records when it runs."""
+  ran = []
+
+  def fake_cudnn(q, k, v, *, implementation, **kwargs):
+    assert implementation == "cudnn"
+    jax.debug.callback(lambda: ran.append(1))
+    return original(q, k, v, implementation="xla", **kwargs)
+
+  original = ba._jax_nn_attention
+  monkeypatch.setattr(ba, "_is_nvidia_gpu", lambda: True)
+  monkeypatch.setattr(ba, "_jax_nn_attention", fake_cudnn)
+  r = np.random.default_rng(3)
+  q = jnp.asarray(r.normal(size=(3, T, K, G, H)), jnp.bfloat16)
+  k = jnp.asarray(r.normal(size=(3, T, K, H)), jnp.bfloat16)
+  v = jnp.asarray(r.normal(size=(3, T, K, H)), jnp.bfloat16)
+
+  @jax.jit
+  def run(q, k, v, key_valid):
+    return ba.attention(q, k, v, scale=0.3, key_valid=key_valid, sliding_window=6, implementation="cudnn")
+
+  lengths = np.array([T, T - 5, 0])  # full, right-padded, empty
+  right = np.arange(T)[None, :] < lengths[:, None]
+  left = right[:, ::-1].copy()
+  for key_valid, cudnn_runs in ((right, True), (left, False), (np.ones((3, T), bool), True)):
+    ran.clear()
+    got = np.asarray(run(q, k, v, jnp.asarray(key_valid)), np.float32)
+    mask = reference_mask(key_valid, 0, T, True, 6)
+    want = dense_reference(*(x.astype(jnp.float32) for x in (q, k, v)), mask, 0.3)
+    sees_a_key = np.asarray(mask).any(-1)  # rows that see no key are not defined under cuDNN
+    np.testing.assert_allclose(got[sees_a_key], np.asarray(want)[sees_a_key], rtol=2e-2, atol=2e-2)
+    assert bool(ran) == cudnn_runs, (key_valid, ran)
+    assert np.isfinite(got).all()
+  assert run._cache_size() == 1  # one program serves both kinds of batch

@@ -328,6 +328,7 @@ def test_config_and_trainer_errors_say_how_to_fix_them(tokenizer):
     trainer.train([{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
 
 
+@pytest.mark.multi_device
 def test_sharded_lora_dpo_places_the_reference_pass_on_the_mesh(tokenizer, task):
   """fsdp=2 x tp=4 on 8 CPU devices: reference log-probs match one device; one compiled step."""
   assert jax.device_count() >= 8, "conftest sets 8 CPU devices"

@@ -159,6 +159,7 @@ def test_summary_collapses_repeated_layers_and_names_the_preset():
   assert "layers.0-2 x3" in text and "layers.1 " not in text
 
 
+@pytest.mark.multi_device
 def test_mesh_errors_say_how_to_fix_them():
   explicit = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
   with pytest.raises(ValueError, match=r"Explicit.*axis_types=\(jax.sharding.AxisType.Auto,\) \* 1"):

@@ -285,6 +285,7 @@ def test_num_iterations_reuses_rollouts_with_a_clipped_ratio(tokenizer, records)
 # ----------------------------------------------------------------------------- placement
 
 
+@pytest.mark.multi_device
 def test_disaggregated_rollout_on_its_own_devices(tokenizer, records, lora=True):
   """Actor on devices 0-3, rollout on 4-7: sync_weights makes them equal, nothing recompiles across steps.
 
@@ -376,4 +377,7 @@ def test_accumulation_over_prompts_of_different_lengths_is_deterministic_with_ev
     assert learner.trainer.train_steps() == 2 and learner.trainer.num_train_step_traces == 1
     assert [step for step, _ in learner.eval_history] == [1, 2]  # every step (the last one by the final evaluation)
     losses.append(learner.trainer.metrics_logger.values("loss"))
-  assert losses[0] == losses[1]  # exact: the same compiled steps on the same seeded inputs
+  # The same compiled steps on the same seeded rollouts: exact on CPU. On a GPU XLA's reductions may add in
+  # another order from run to run (2.4e-5 relative seen on an H200; --xla_gpu_deterministic_ops=true makes
+  # them exact); rollouts drawn in another order, or a shifted RNG, change the loss entirely.
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3 if jax.default_backend() == "gpu" else 0)

@@ -11,6 +11,8 @@ from easytunix.layers.sharding import ShardingConfig, path_str
 from easytunix.models import load_model
 from tests import hf_reference
 
+pytestmark = pytest.mark.multi_device  # meshes of up to 8 devices
+
 
 def _mesh():
   return jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(AxisType.Auto, AxisType.Auto))

@@ -158,6 +158,7 @@ def test_backward_pass_keeps_codes_not_the_dequantized_kernel():
   assert "u8[64,64]" in saved and "[128,64]" not in saved, saved
 
 
+@pytest.mark.multi_device
 def test_abstract_and_sharded_quantization():
   abstract = nnx.eval_shape(lambda: lora.quantize_base(Qwen3(ModelConfig.tiny(), rngs=nnx.Rngs(0)), "nf4"))
   kernels = q.quantized_kernels(abstract)

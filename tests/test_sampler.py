@@ -376,6 +376,7 @@ def test_the_sampler_modules_and_their_shared_pieces(tiny):
   np.testing.assert_array_equal(np.asarray(model.logits(hidden)), np.asarray(logits))
 
 
+@pytest.mark.multi_device
 def test_a_model_on_a_mesh_samples_under_it_like_on_one_device(tiny):
   """The programs are traced under the model's mesh (as the trainers' steps are), so its activation
   constraints apply, and they generate what the one-device model does."""

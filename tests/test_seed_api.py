@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from easytunix.models.gemma import params as gemma_params
@@ -30,6 +31,7 @@ def test_gemma_load_metadata_and_load_and_format_params(hf_tiny):
     np.testing.assert_array_equal(value, loaded[path], err_msg=".".join(path))  # both copies of the file: exact
 
 
+@pytest.mark.multi_device
 def test_partition_specs_name_every_sharded_variable():
   import jax
   from jax.sharding import AxisType, PartitionSpec

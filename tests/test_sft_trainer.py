@@ -362,6 +362,7 @@ def test_custom_loss_without_aux_and_input_fn_and_the_profiler(base_model, task,
 # ------------------------------------------------------------------------ sharding
 
 
+@pytest.mark.multi_device
 def test_sharded_training_matches_one_device(base_model, micro_and_big, one_device_run):
   """fsdp=2 x tp=4 on 8 CPU devices: the same loss curve and parameters as one device."""
   assert jax.device_count() >= 8, "conftest sets 8 CPU devices"
@@ -384,6 +385,7 @@ def test_sharded_training_matches_one_device(base_model, micro_and_big, one_devi
   _assert_params_close(_params(sharded), _params(single))
 
 
+@pytest.mark.multi_device
 def test_batch_not_divisible_by_the_data_axis_is_an_error(base_model, task, tokenizer):
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
   model = shard_model(nnx.clone(base_model), mesh)

@@ -15,7 +15,11 @@ never built as a [T, S] array:
   (materialises [T, S]; fine for short sequences and a reference).
 * :func:`attention` picks an implementation: cuDNN flash attention through
   ``jax.nn.dot_product_attention`` on NVIDIA GPUs where the case is supported,
-  else the blockwise path. CPU never tries cuDNN.
+  else the blockwise path. CPU never tries cuDNN. cuDNN takes key padding as
+  lengths only; a ``key_valid`` mask is checked on the device: a batch whose
+  rows are right-padded (every training batch the library builds) runs
+  through cuDNN, any other (left padding) through the dense or blockwise path,
+  inside one ``lax.cond``.
 
 Layouts follow the layer: q [B, T, K, G, H] (K key/value heads, G query heads
 per key/value head), k and v [B, S, K, H]; the output is [B, T, K, G, H].
@@ -241,8 +245,11 @@ def _is_nvidia_gpu() -> bool:
   """Whether the default backend is a CUDA GPU (not ROCm, not CPU/TPU)."""
   if jax.default_backend() != "gpu":
     return False
+  device = jax.devices()[0]
+  if "nvidia" in device.device_kind.lower():
+    return True
   try:
-    return "cuda" in jax.devices()[0].client.platform_version.lower()
+    return "cuda" in device.client.platform_version.lower()
   except Exception:  # noqa: BLE001 - an unknown client: do not risk cuDNN
     return False
 
@@ -259,9 +266,9 @@ def cudnn_unsupported_reason(
 ) -> str | None:
   """Why cuDNN flash attention cannot serve this case (None when it can).
 
-  Checks the case only, not the platform. Padding must come as ``kv_lengths``
-  (keys ``0 .. len - 1`` valid); a general ``key_valid`` would need a
-  [B, T, S] bias, which is what this module avoids.
+  Checks the case only, not the platform. Key padding is no obstacle:
+  ``kv_lengths`` maps onto cuDNN's, and a ``key_valid`` mask is served by
+  cuDNN when, at run time, every row is right-padded (:func:`attention`).
   """
   h = q.shape[-1]
   if softcap is not None:
@@ -270,8 +277,6 @@ def cudnn_unsupported_reason(
     return f"cuDNN attention needs bf16/fp16 q, k, v (got {q.dtype}, {k.dtype})"
   if h % 8 or h > 256:
     return f"cuDNN attention needs a head width that is a multiple of 8 and at most 256 (got {h})"
-  if key_valid is not None:
-    return "cuDNN attention takes padding as kv_lengths, not a key_valid mask"
   if causal and not (isinstance(q_offset, (int, np.integer)) and q_offset == 0):
     return "cuDNN causal masks are aligned at slot 0: q_offset must be the static int 0"
   if sliding_window is not None and not causal:
@@ -368,16 +373,17 @@ def attention(
     q, k, v, scale, key_valid, causal, q_offset, sliding_window, softcap,
       block_q, block_k: as in :func:`blockwise_attention`.
     kv_lengths: int [B]; keys at slots >= length are padding (right padding).
-      Combined with ``key_valid`` when both are given. Unlike ``key_valid`` it
-      keeps the cuDNN path open.
+      Combined with ``key_valid`` when both are given. Both reach cuDNN:
+      lengths as they are, a ``key_valid`` mask after a check on the device
+      that its rows are right-padded (else the dense or blockwise path runs).
     implementation: "auto", "xla" (dense, materialised scores), "blockwise"
       or "cudnn" (NVIDIA GPUs, bf16/fp16, no soft-cap; see
       :func:`cudnn_unsupported_reason`).
 
   Returns:
-    [B, T, K, G, H] in q's dtype. Under cuDNN, rows that see no key (only
-    possible with a zero length) are not defined; the other paths give the mean
-    of v there.
+    [B, T, K, G, H] in q's dtype. Under cuDNN a fully padded row (length 0)
+    attends to its first key, the other paths give the mean of v there: what a
+    row that sees no key holds is not defined (a loss masks it out).
   """
   impl = select_implementation(
       q,
@@ -389,24 +395,48 @@ def attention(
       sliding_window=sliding_window,
       softcap=softcap,
   )
-  if impl == "cudnn":
-    try:
-      return _jax_nn_attention(
-          q, k, v, scale=scale, kv_lengths=kv_lengths, causal=causal, sliding_window=sliding_window,
-          implementation="cudnn",
-      )
-    except (NotImplementedError, ValueError, RuntimeError):
-      if implementation == "cudnn":
-        raise
-      # "auto": a case this cuDNN / jax version turns down at trace time.
+  lengths_only = key_valid is None  # cuDNN then takes kv_lengths (or no padding) as they are
   if kv_lengths is not None:
-    s = k.shape[1]
-    in_length = jnp.arange(s)[None, :] < jnp.asarray(kv_lengths)[:, None]
+    in_length = jnp.arange(k.shape[1])[None, :] < jnp.asarray(kv_lengths)[:, None]
     key_valid = in_length if key_valid is None else key_valid & in_length
   kw = dict(
       scale=scale, key_valid=key_valid, causal=causal, q_offset=q_offset, sliding_window=sliding_window,
       softcap=softcap,
   )
+  if impl == "cudnn":
+    fallback = "xla" if k.shape[1] <= DENSE_MAX_KEYS else "blockwise"
+
+    def cudnn(q, k, v, lengths):
+      return _jax_nn_attention(
+          q, k, v, scale=scale, kv_lengths=lengths, causal=causal, sliding_window=sliding_window,
+          implementation="cudnn",
+      )
+
+    def other(q, k, v, _):
+      return _fallback(q, k, v, fallback, block_q, block_k, kw)
+
+    try:
+      if lengths_only:
+        return cudnn(q, k, v, kv_lengths)
+      lengths, right_padded = _as_lengths(key_valid)
+      # A fully padded row sees no key on every path; cuDNN's kernel wants at least one.
+      return jax.lax.cond(right_padded, cudnn, other, q, k, v, jnp.maximum(lengths, 1))
+    except (NotImplementedError, ValueError, RuntimeError):
+      if implementation == "cudnn":
+        raise
+      # "auto": a case this cuDNN / jax version turns down at trace time.
+      impl = fallback
+  return _fallback(q, k, v, impl, block_q, block_k, kw)
+
+
+def _as_lengths(key_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``key_valid`` [B, S] as lengths [B], and whether every row is right padding (keys ``0 .. len - 1``)."""
+  lengths = jnp.sum(key_valid, axis=-1, dtype=jnp.int32)
+  prefix = jnp.arange(key_valid.shape[1])[None, :] < lengths[:, None]
+  return lengths, jnp.all(key_valid == prefix)
+
+
+def _fallback(q, k, v, impl: str, block_q: int, block_k: int, kw: dict) -> jax.Array:
   if impl == "xla":
     return dense_attention(q, k, v, **kw)
   return blockwise_attention(q, k, v, block_q=block_q, block_k=block_k, **kw)
