@@ -91,12 +91,12 @@ class ToyTransformer(nnx.Module):
       context = x
       if cache is not None:
         layer = cache.layers[i]
-        heads, _, width = layer.k.shape[1:]  # the cache is [B, K, S, H]
+        heads, _, width = layer.v.shape[1:]  # the values are [B, K, S, H]
         stored = jax.lax.dynamic_update_slice(
-            layer.k, x.reshape(b, t, heads, width).transpose(0, 2, 1, 3).astype(layer.k.dtype),
+            layer.v, x.reshape(b, t, heads, width).transpose(0, 2, 1, 3).astype(layer.v.dtype),
             (0, 0, cache.index, 0),
         )
-        layers.append(type(layer)(stored, layer.v))
+        layers.append(type(layer)(layer.k, stored))
         context = stored.transpose(0, 2, 1, 3).reshape(b, stored.shape[2], d)
       x = block(x, context, attention_mask)
     new_cache = None if cache is None else type(cache)(tuple(layers), cache.index + t)

@@ -171,19 +171,21 @@ class Attention(nnx.Module):
     start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
     new_cache = None
     if cache is not None:
-      # The cache is heads-major, [B, K, S, H]: both attention products below read it as a plain
-      # batched matmul over (b, k). In the [B, S, K, H] order every decode step would first copy
-      # each layer's whole cache into that layout (a tenth of a float32 decode step on CPU).
+      # The cache is heads-major (keys [B, K, H, S], values [B, K, S, H]): both attention products
+      # below read it as plain batched matmuls over (b, k), the keys with the slots as columns. In
+      # the [B, S, K, H] order every decode step would first copy each layer's whole cache into
+      # that layout (a tenth of a float32 decode step on CPU).
       zero = jnp.zeros((), jnp.int32)
-      k_heads = jax.lax.dynamic_update_slice(
-          cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), (zero, zero, start, zero))
+      k_cols = jax.lax.dynamic_update_slice(
+          cache.k, k.transpose(0, 2, 3, 1).astype(cache.k.dtype), (zero, zero, zero, start))
       v_heads = jax.lax.dynamic_update_slice(
           cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (zero, zero, start, zero))
-      new_cache = LayerCache(k_heads, v_heads)
-      k_heads, v_heads = k_heads.astype(self.dtype), v_heads.astype(self.dtype)
+      new_cache = LayerCache(k_cols, v_heads)
+      k_cols, v_heads = k_cols.astype(self.dtype), v_heads.astype(self.dtype)
+      k_heads = None
     else:
-      k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    s = k_heads.shape[2]
+      k_cols, k_heads, v_heads = None, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    s = v_heads.shape[2]
 
     groups = c.num_heads // c.num_kv_heads
     qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
@@ -191,7 +193,7 @@ class Attention(nnx.Module):
     if mask.ndim == 2 and not capture:
       # Causal over the valid keys [B, S]: the mask stays factored, so the blockwise and cuDNN
       # paths never build a [T, S] map. Dense ("xla") falls through to the code below.
-      k_all = k if cache is None else k_heads.transpose(0, 2, 1, 3)
+      k_all = k if cache is None else k_cols.transpose(0, 3, 1, 2)
       factored = dict(key_valid=mask.astype(jnp.bool_), causal=True, q_offset=0 if cache is None else start,
                       sliding_window=c.sliding_window, softcap=c.softcap)
       chosen = select_implementation(qg, k_all, implementation=c.implementation, **factored)
@@ -214,7 +216,10 @@ class Attention(nnx.Module):
     # tensor into another layout (the backward pass ran ~1.8x slower in the mixed layout); on GPU
     # the transposes are as cheap as the strides they replace. Same products, same values.
     qm = qg.transpose(0, 2, 3, 1, 4).reshape(b, c.num_kv_heads, groups * t, c.head_dim)
-    scores = jnp.einsum("bkmh,bksh->bkms", qm, k_heads, preferred_element_type=jnp.float32)
+    if k_cols is not None:
+      scores = jnp.einsum("bkmh,bkhs->bkms", qm, k_cols, preferred_element_type=jnp.float32)
+    else:
+      scores = jnp.einsum("bkmh,bksh->bkms", qm, k_heads, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, c.num_kv_heads, groups, t, s) * c.scale
     if c.softcap is not None:
       scores = jnp.tanh(scores / c.softcap) * c.softcap
