@@ -166,6 +166,73 @@ def test_sample_top_p_follows_the_filtered_distribution(temperature, top_p, top_
   assert int(sample_best(logits)) == 0
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_sample_best_is_argmax_with_ties_infinities_and_nans(jit):
+  rng = np.random.default_rng(0)
+  rows = np.concatenate([
+      rng.standard_normal((3, 9)),
+      rng.integers(0, 3, (3, 9)),  # ties: the first maximum wins
+      np.full((1, 9), -np.inf),
+      [[1, np.inf, 2, np.inf, 0, 0, 0, 0, 0]],
+      [[np.nan, 5, 1, np.nan, 9, 0, 0, 0, 0]],  # argmax answers the first NaN
+      [[3, 1, 2, 8, 8, np.nan, 0, 0, 0]],
+  ]).astype(np.float32)
+  pick = jax.jit(sample_best) if jit else sample_best
+  got = np.asarray(pick(jnp.asarray(rows)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(rows, axis=-1)))
+  assert int(pick(jnp.asarray(rows[4]))) == int(np.argmax(rows[4]))  # one row, no batch axis
+
+
+# Prompts of 9-100 tokens: left-padded they fill 8 x 112 slots, 440 of them padding.
+VARIED = [list(range(1 + i, 1 + i + n)) for i, n in enumerate([100, 9, 57, 23, 71, 40, 12, 88])]
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3_moe", "llama3"])  # gemma3: sliding window 8
+def test_packed_prefill_matches_padded_prefill_and_transformers(tiny, arch, monkeypatch):
+  _, torch_model, model, _ = tiny(arch)
+  sampler = Sampler(model, None, CacheConfig.for_model(model, cache_size=256, max_batch_size=8))
+  tokens = sampler._pack(VARIED, 8, 112)[0]  # noqa: SLF001
+  assert tokens.size < 0.8 * 8 * 112, tokens.shape  # the prompts sit end to end in fewer slots
+  got = sampler.init_sample_state(VARIED, 8)
+  with monkeypatch.context() as patch:
+    patch.setattr(sampler, "_pack", lambda *args: None)
+    want = sampler.init_sample_state(VARIED, 8)
+  np.testing.assert_array_equal(got.key_valid, want.key_valid)
+  np.testing.assert_array_equal(got.positions, want.positions)
+  assert int(got.cache.index) == int(want.cache.index) == 112
+  np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+  valid = np.asarray(want.key_valid)
+  for ours, padded in zip(got.cache.layers, want.cache.layers):
+    k, v = np.asarray(ours.k), np.asarray(ours.v)  # keys [B, K, H, S], values [B, K, S, H]
+    keys_valid, values_valid = valid[:, None, None, :], valid[:, None, :, None]
+    np.testing.assert_allclose(np.where(keys_valid, k, 0), np.where(keys_valid, padded.k, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.where(values_valid, v, 0), np.where(values_valid, padded.v, 0), rtol=1e-5,
+                               atol=1e-5)
+    assert not np.any(np.where(keys_valid, 0, k)) and not np.any(np.where(values_valid, 0, v))
+  expected, _ = hf_generate(torch_model, VARIED, UNLIKELY_EOS, do_sample=False, max_new_tokens=8)
+  assert [t.tolist() for t in sampler(VARIED, 8, eos_tokens=UNLIKELY_EOS).tokens] == expected
+
+
+def test_packing_plan(tiny):
+  from easytunix.generate.utils import pack_rows
+
+  lengths = [len(x) for x in VARIED]
+  placed = pack_rows(lengths, 128)
+  taken = set()
+  for n, (row, offset) in zip(lengths, placed):
+    assert offset + n <= 128
+    slots = {(row, slot) for slot in range(offset, offset + n)}
+    assert not slots & taken, "two prompts share a slot"
+    taken |= slots
+  assert max(row for row, _ in placed) + 1 == 4  # 400 tokens in 4 rows of 128 (first fit, longest first)
+  with pytest.raises(ValueError, match="does not fit"):
+    pack_rows([5, 200], 128)
+  sampler = tiny("qwen3")[0]
+  assert sampler._pack(PROMPTS, 3, 16) is None  # noqa: SLF001  (48 slots: a compile costs more than the padding)
+  assert sampler._pack([[1] * 100] * 8, 8, 112) is None  # noqa: SLF001  (equal lengths: nothing to save)
+
+
 def test_compiles_once_per_bucket_and_weight_updates_do_not_recompile(tiny):
   _, _, _, folder = tiny("qwen3")
   model = load_model(folder, dtype="float32")

@@ -19,8 +19,17 @@ __all__ = ["DecodeKnobs", "DecodeMode", "pick_tokens", "sample_best", "sample_to
 
 
 def sample_best(logits: jax.Array) -> jax.Array:
-  """Greedy decoding: the highest-scoring token id along the last axis (int32)."""
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  """Greedy decoding: the highest-scoring token id along the last axis (int32).
+
+  ``jnp.argmax``'s result (the first maximum; the first NaN if there is one), computed as a max
+  and then the smallest index holding it: two plain reductions, which XLA:CPU vectorizes, where
+  argmax's (value, index) pair reduction ran ~5x slower (1.75 vs 0.36 ms for 16 x 49,152 logits,
+  3% of a SmolLM2 decode step).
+  """
+  top = jnp.max(logits, axis=-1, keepdims=True)  # NaN when a row holds one: then pick its first NaN
+  ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  hit = (logits == top) | jnp.isnan(logits)
+  return jnp.min(jnp.where(hit, ids, logits.shape[-1]), axis=-1).astype(jnp.int32)
 
 
 def sample_top_p(

@@ -6,6 +6,7 @@ size reuses the compiled programs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ __all__ = [
     "fine_bucket",
     "is_python_number",
     "is_token_id",
+    "pack_rows",
 ]
 
 # Smallest buckets: prompts are padded to at least this many tokens and the
@@ -52,6 +54,25 @@ def fine_bucket(n: int, minimum: int, per_octave: int = 2) -> int:
   if step < 1:  # a small octave has fewer whole sizes than per_octave
     return fine_bucket(n, 1, per_octave // 2) if per_octave > 1 else power
   return power // 2 + step * -(-(n - power // 2) // step)
+
+
+def pack_rows(lengths: Sequence[int], width: int) -> list[tuple[int, int]]:
+  """Places sequences end to end in rows of ``width`` slots: each one's (row, offset).
+
+  First fit, longest first (every length at most ``width``). A row holds whole
+  sequences only, so a packed prefill attends within each sequence's own slots.
+  """
+  if max(lengths, default=0) > width:
+    raise ValueError(f"a sequence of {max(lengths)} tokens does not fit in rows of {width} slots.")
+  free: list[int] = []  # slots left in each row
+  placed: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    row = next((r for r, left in enumerate(free) if left >= lengths[i]), len(free))
+    if row == len(free):
+      free.append(width)
+    placed[i] = (row, width - free[row])
+    free[row] -= lengths[i]
+  return placed
 
 
 def is_python_number(x: Any) -> bool:

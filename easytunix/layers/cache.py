@@ -86,3 +86,34 @@ def make_decode_mask(key_valid: jax.Array, start: jax.Array | int, num_queries: 
   q_slots = start + jnp.arange(num_queries)
   causal = jnp.arange(s)[None, :] <= q_slots[:, None]
   return causal[None] & key_valid.astype(jnp.bool_)[:, None, :]
+
+
+def gather_slots(cache: KVCache, src: jax.Array, valid: jax.Array, max_len: int) -> KVCache:
+  """A cache of ``B`` rows gathered slot by slot from another one (a packed prefill's).
+
+  Args:
+    cache: the source cache, ``R`` rows of ``W`` slots (several prompts may share a row).
+    src: [B, P] int32: for each target row and slot, the source slot ``row * W + slot`` it copies.
+    valid: [B, P] which target slots hold a token; the others are zero.
+    max_len: slots per target row (at least P); slots from P on are zero.
+
+  Returns:
+    The [B, max_len] cache, its next slot P.
+  """
+  b, p = src.shape
+  if max_len < p:
+    raise ValueError(f"max_len ({max_len}) must be at least the {p} gathered slots.")
+  keep = valid.astype(jnp.bool_)[:, :, None, None]
+
+  def rows(x: jax.Array) -> jax.Array:  # [R, W, K, H] -> [B, P, K, H]
+    flat = x.reshape((-1,) + x.shape[2:])
+    return jnp.where(keep, jnp.take(flat, src, axis=0), jnp.zeros((), x.dtype))
+
+  layers = []
+  for layer in cache.layers:
+    k = rows(layer.k.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)  # keys [R, K, H, W] -> [B, K, H, P]
+    v = rows(layer.v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # values [R, K, W, H] -> [B, K, P, H]
+    pad = max_len - p
+    layers.append(LayerCache(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, pad))),
+                             jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))))
+  return KVCache(tuple(layers), jnp.asarray(p, jnp.int32))
