@@ -214,6 +214,24 @@ def test_packed_prefill_matches_padded_prefill_and_transformers(tiny, arch, monk
   assert [t.tolist() for t in sampler(VARIED, 8, eos_tokens=UNLIKELY_EOS).tokens] == expected
 
 
+def test_packed_layouts_are_reused_and_capped(tiny):
+  from easytunix.generate.sampler import PACK_MAX_LAYOUTS
+
+  model = tiny("llama3")[2]
+  sampler = Sampler(model, None, CacheConfig.for_model(model, cache_size=256, max_batch_size=8))
+  sampler(VARIED, 2, eos_tokens=[])
+  assert sampler.trace_counts["prefill"] == 1 and sum(map(len, sampler._packed_layouts.values())) == 1  # noqa: SLF001
+  sampler(VARIED[::-1], 2, eos_tokens=[])  # the same lengths in another order: the same program
+  assert sampler.trace_counts["prefill"] == 1
+  rng = np.random.default_rng(0)
+  for _ in range(10):  # batches of 8 prompts of 2-100 tokens: one prefill shape, many packings
+    lengths = [100, *rng.integers(2, 100, 7)]
+    sampler([[7] * n for n in lengths], 2, eos_tokens=[])
+  (layouts,) = sampler._packed_layouts.values()  # noqa: SLF001
+  assert len(layouts) <= PACK_MAX_LAYOUTS
+  assert sampler.trace_counts["prefill"] <= PACK_MAX_LAYOUTS + 1  # those layouts, and the padded program
+
+
 def test_packing_plan(tiny):
   from easytunix.generate.utils import pack_rows
 

@@ -6,7 +6,10 @@ How a call runs:
    [batch bucket, prompt bucket] array, so every row's last prompt token sits in
    the same slot and each row's positions count from its first real token.
 2. ``prefill`` (one jit per (batch bucket, prompt bucket, cache length)) runs the
-   prompt through the model once and fills the KV cache.
+   prompt through the model once and fills the KV cache. A large batch of prompts
+   of different lengths is packed end to end into fewer, wider rows for this pass
+   (``Sampler._pack``; without it padding can be a quarter of the work), and its
+   keys and values are gathered into the same left-padded cache.
 3. The decode loop (one jit: a ``jax.lax.while_loop``) samples one token per row
    per step and stops when every row has emitted an EOS token or the step budget
    is spent. Streaming drives a jitted single step from Python instead; beam
@@ -139,8 +142,10 @@ class CacheConfig:
     return cls(cache_size=cache_size, max_batch_size=max_batch_size, dtype=dtype, **sizes)
 
 
-# Prefills of fewer padded slots (batch bucket x prompt bucket) are never packed (see Sampler._pack).
+# Prefills of fewer padded slots (batch bucket x prompt bucket) are never packed, and at most this many
+# packed layouts are compiled per prefill shape (see Sampler._pack).
 PACK_MIN_SLOTS = 512
+PACK_MAX_LAYOUTS = 4
 
 
 @dataclasses.dataclass
@@ -222,6 +227,7 @@ class Sampler(BaseSampler):
     self.cache_dtype = jnp.dtype(cache_config.dtype if cache_config.dtype is not None else model_dtype or jnp.float32)
     self._rng = jax.random.key(0)
     self._trace_counts: collections.Counter = collections.Counter()
+    self._packed_layouts: dict[tuple[int, int, int], list[tuple[int, int]]] = {}  # see _pack
     # On a mesh, every program is traced under it (as the trainers' steps are), so the model's activation
     # constraints apply: the batch stays split over the data axes instead of being left to propagation.
     self.mesh = module_mesh(transformer)
@@ -452,20 +458,24 @@ class Sampler(BaseSampler):
     return cache, last_logits.astype(jnp.float32), key_valid, jnp.sum(valid, axis=-1).astype(jnp.int32)
 
   def _pack(
-      self, ids: list[Sequence[int]], batch_bucket: int, prompt_bucket: int
+      self, ids: list[Sequence[int]], batch_bucket: int, prompt_bucket: int, cache_len: int = 0
   ) -> tuple[np.ndarray, ...] | None:
     """The packed prefill's inputs for these prompts, or None when packing would not pay.
 
     Left-padded, the prefill computes ``batch x prompt bucket`` token slots, most of them padding
-    when the prompts' lengths differ (16 chat prompts of 35-54 tokens: 896 slots for 700 tokens).
-    Packed, the prompts sit end to end in fewer, wider rows (first fit, longest first; row counts
-    and widths bucketed, so similar batches reuse the program) and attend only within their own
-    slots (a block-diagonal causal mask); their keys and values are then gathered into the usual
-    left-padded cache, so decoding is unchanged. Wider rows cost dense attention over more slots,
-    so each layout is scored as ``slots * (1 + width / 2048)`` and packing is used when its best
-    score is under 90% of the padded one. A packed layout is one more program to compile, so
-    small prefills (under ``PACK_MIN_SLOTS`` padded slots, where a compile costs more than the
-    padding) and models on a multi-device mesh (its rows are what the mesh splits) stay padded.
+    when the prompts' lengths differ (16 chat prompts of 35-54 tokens: 896 slots for 657 tokens).
+    Packed, the prompts sit end to end in fewer, wider rows (first fit, longest first) and attend
+    only within their own slots (a block-diagonal causal mask); their keys and values are then
+    gathered into the usual left-padded cache, so decoding is unchanged. Wider rows cost dense
+    attention over more slots, so a layout of ``rows x width`` is scored as
+    ``slots * (1 + width / 2048)`` and packing is used when that is under 90% of the padded score.
+
+    Every layout is one more program to compile, so: row counts and widths are bucketed; a layout
+    already compiled for this shape is reused whenever it fits and scores within 10% of the best
+    new one; at most ``PACK_MAX_LAYOUTS`` layouts are compiled per (batch bucket, prompt bucket,
+    cache length), after which batches that fit none of them are padded; small prefills (under
+    ``PACK_MIN_SLOTS`` padded slots, where a compile costs more than the padding) and models on a
+    multi-device mesh (its rows are what the mesh splits) are never packed.
 
     Returns:
       (tokens, positions, segments) [rows, width] int32 (segment -1: an empty slot), src [batch
@@ -475,23 +485,42 @@ class Sampler(BaseSampler):
     if batch_bucket * prompt_bucket < PACK_MIN_SLOTS or (self.mesh is not None and self.mesh.size > 1):
       return None
     lengths = [len(x) for x in ids]
-    cost = lambda slots, width: slots * (1 + width / 2048)  # noqa: E731
-    best = (0.9 * cost(batch_bucket * prompt_bucket, prompt_bucket), None, None)
+    cost = lambda rows, width: rows * width * (1 + width / 2048)  # noqa: E731
+    limit = 0.9 * cost(batch_bucket, prompt_bucket)
+
+    def fits(rows: int, width: int) -> list[tuple[int, int]] | None:
+      if width < max(lengths):
+        return None
+      placed = pack_rows(lengths, width)
+      return placed if max(r for r, _ in placed) < rows else None
+
+    new = None  # (score, rows, width, placed): each bucketed row count with the narrowest bucketed width that fits
     rows = 1
-    while rows < batch_bucket:  # each bucketed row count, with the narrowest bucketed width that fits
+    while rows < batch_bucket:
       width = fine_bucket(max(max(lengths), -(-sum(lengths) // rows)), MIN_PROMPT_BUCKET, per_octave=4)
       for _ in range(3):
-        placed = pack_rows(lengths, width)
-        if max(r for r, _ in placed) < rows:
-          if cost(rows * width, width) < best[0]:
-            best = (cost(rows * width, width), width, (rows, placed))
+        placed = fits(rows, width)
+        if placed is not None:
+          if cost(rows, width) < limit and (new is None or cost(rows, width) < new[0]):
+            new = (cost(rows, width), rows, width, placed)
           break
         width = fine_bucket(width + 1, MIN_PROMPT_BUCKET, per_octave=4)
       rows = fine_bucket(rows + 1, 1)
-    _, width, plan = best
-    if plan is None:
+    known = self._packed_layouts.setdefault((batch_bucket, prompt_bucket, cache_len), [])
+    old = None
+    for rows, width in known:
+      if cost(rows, width) < limit and (old is None or cost(rows, width) < old[0]):
+        placed = fits(rows, width)
+        if placed is not None:
+          old = (cost(rows, width), rows, width, placed)
+    if old is not None and (new is None or old[0] <= 1.1 * new[0]):
+      chosen = old
+    elif new is not None and len(known) < PACK_MAX_LAYOUTS:
+      chosen = new
+      known.append((new[1], new[2]))
+    else:
       return None
-    rows, placed = plan
+    _, rows, width, placed = chosen
     tokens = np.full((rows, width), self._pad_id(), np.int32)
     positions = np.zeros((rows, width), np.int32)
     segments = np.full((rows, width), -1, np.int32)
@@ -602,7 +631,7 @@ class Sampler(BaseSampler):
     lengths = [len(x) for x in ids]
     batch_bucket, prompt_bucket, steps_bucket, cache_len = self._plan(lengths, steps, max_prompt_length)
     tokens, valid = self._left_pad(ids, prompt_bucket, rows=batch_bucket)
-    packed = None if max_prompt_length is not None else self._pack(ids, batch_bucket, prompt_bucket)
+    packed = None if max_prompt_length is not None else self._pack(ids, batch_bucket, prompt_bucket, cache_len)
     if packed is None:
       cache, logits, key_valid, positions = self._prefill_jit(
           self._params(), jnp.asarray(tokens), jnp.asarray(valid), cache_len=cache_len
