@@ -878,14 +878,18 @@ def _last_token_logits(model, tokens, positions, cache, mask):
   the model and projected with the model's own ``logits`` for the last slot only
   (the dead full projection is removed by XLA).
   """
-  b, t = tokens.shape
-  return _token_logits(model, tokens, positions, cache, mask, jnp.arange(b) * t + t - 1)
+  if not callable(getattr(model, "logits", None)):
+    logits, cache = model(tokens, positions, cache, mask)
+    return logits[:, -1], cache
+  _, cache, hidden = model(tokens, positions, cache, mask, return_hidden_states=True)
+  return model.logits(hidden[:, -1]), cache  # a slice: on a mesh the rows stay where they are
 
 
 def _token_logits(model, tokens, positions, cache, mask, slots):
   """Runs the tokens [B, T] and returns (the logits of the flat slots ``slots`` (``row * T + col``) [N, V], cache).
 
-  Only those slots are projected onto the vocabulary (see ``_last_token_logits``).
+  Only those slots are projected onto the vocabulary (see ``_last_token_logits``); the packed prefill's
+  pick, on one device.
   """
   if not callable(getattr(model, "logits", None)):
     logits, cache = model(tokens, positions, cache, mask)
