@@ -447,15 +447,16 @@ class Sampler(BaseSampler):
   def _prefill_impl(self, state, tokens, valid, *, cache_len: int):
     """Runs the left-padded prompts [B, P] through the model into a fresh cache of ``cache_len`` slots."""
     self._trace_counts["prefill"] += 1
-    model = self._model(state)
-    b, p = tokens.shape
-    cfg = self.cache_config
-    cache = init_cache(cfg.num_layers, b, cache_len, cfg.num_kv_heads, cfg.head_dim, self.cache_dtype)
-    key_valid = jnp.zeros((b, cache_len), jnp.bool_).at[:, :p].set(valid)
-    positions = positions_from_mask(valid)
+    p = tokens.shape[1]
+    cache, key_valid = self._empty_cache(tokens.shape[0], cache_len), _key_valid(valid, cache_len)
     mask = make_decode_mask(key_valid, 0, p)
-    last_logits, cache = _last_token_logits(model, tokens, positions, cache, mask)
+    last_logits, cache = _picked_logits(
+        self._model(state), tokens, positions_from_mask(valid), cache, mask, lambda x: x[:, -1])
     return cache, last_logits.astype(jnp.float32), key_valid, jnp.sum(valid, axis=-1).astype(jnp.int32)
+
+  def _empty_cache(self, rows: int, slots: int) -> KVCache:
+    cfg = self.cache_config
+    return init_cache(cfg.num_layers, rows, slots, cfg.num_kv_heads, cfg.head_dim, self.cache_dtype)
 
   def _pack(
       self, ids: list[Sequence[int]], batch_bucket: int, prompt_bucket: int, cache_len: int = 0
@@ -538,17 +539,13 @@ class Sampler(BaseSampler):
   def _prefill_packed_impl(self, state, tokens, positions, segments, src, last, valid, *, cache_len: int):
     """``_prefill_impl``'s result from prompts packed end to end (see ``_pack``)."""
     self._trace_counts["prefill"] += 1
-    model = self._model(state)
     rows, width = tokens.shape
-    cfg = self.cache_config
-    packed = init_cache(cfg.num_layers, rows, width, cfg.num_kv_heads, cfg.head_dim, self.cache_dtype)
     causal = jnp.tril(jnp.ones((width, width), jnp.bool_))
     mask = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] >= 0) & causal[None]
-    logits, packed = _token_logits(model, tokens, positions, packed, mask, last)
-    b, p = valid.shape
+    pick = lambda x: jnp.take(x.reshape((-1,) + x.shape[2:]), last, axis=0)  # noqa: E731  (flat slot row * W + col)
+    logits, packed = _picked_logits(self._model(state), tokens, positions, self._empty_cache(rows, width), mask, pick)
     cache = gather_slots(packed, src, valid, cache_len)
-    key_valid = jnp.zeros((b, cache_len), jnp.bool_).at[:, :p].set(valid)
-    return cache, logits.astype(jnp.float32), key_valid, jnp.sum(valid, axis=-1).astype(jnp.int32)
+    return cache, logits.astype(jnp.float32), _key_valid(valid, cache_len), jnp.sum(valid, axis=-1).astype(jnp.int32)
 
   @staticmethod
   def _forward_one(model, cache, token, key_valid, position):
@@ -870,29 +867,22 @@ def _flat_leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
   return {prefix: tree}
 
 
-def _last_token_logits(model, tokens, positions, cache, mask):
-  """Runs the prompt and returns (logits of the last slot [B, V], cache), computing only that slot's logits.
+def _key_valid(valid: jax.Array, cache_len: int) -> jax.Array:
+  """[B, cache_len]: the prompt slots' validity [B, P] in the first P slots, the rest not yet valid."""
+  return jnp.zeros((valid.shape[0], cache_len), jnp.bool_).at[:, : valid.shape[1]].set(valid)
+
+
+def _picked_logits(model, tokens, positions, cache, mask, pick):
+  """Runs the prompt and returns (the logits of the slots ``pick`` takes from [B, T, ...], cache).
 
   Projecting every prompt position onto the vocabulary would cost more than the
-  rest of the prefill for a big vocabulary, so the hidden state is taken from
-  the model and projected with the model's own ``logits`` for the last slot only
-  (the dead full projection is removed by XLA).
+  rest of the prefill for a big vocabulary, so the hidden states are taken from
+  the model and only the picked ones projected with the model's own ``logits``
+  (the dead full projection is removed by XLA). The padded prefill picks each
+  row's last slot with a slice (on a mesh the rows stay on their devices).
   """
   if not callable(getattr(model, "logits", None)):
     logits, cache = model(tokens, positions, cache, mask)
-    return logits[:, -1], cache
+    return pick(logits), cache
   _, cache, hidden = model(tokens, positions, cache, mask, return_hidden_states=True)
-  return model.logits(hidden[:, -1]), cache  # a slice: on a mesh the rows stay where they are
-
-
-def _token_logits(model, tokens, positions, cache, mask, slots):
-  """Runs the tokens [B, T] and returns (the logits of the flat slots ``slots`` (``row * T + col``) [N, V], cache).
-
-  Only those slots are projected onto the vocabulary (see ``_last_token_logits``); the packed prefill's
-  pick, on one device.
-  """
-  if not callable(getattr(model, "logits", None)):
-    logits, cache = model(tokens, positions, cache, mask)
-    return jnp.take(logits.reshape((-1,) + logits.shape[2:]), slots, axis=0), cache
-  _, cache, hidden = model(tokens, positions, cache, mask, return_hidden_states=True)
-  return model.logits(jnp.take(hidden.reshape((-1,) + hidden.shape[2:]), slots, axis=0)), cache
+  return model.logits(pick(hidden)), cache
