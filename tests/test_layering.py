@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "easytunix"
 
 # Higher numbers may import lower ones, never the reverse nor a sibling of the same rank.
 RANK = {
-    "layers": 0, "convert": 0,
+    "layers": 0, "convert": 0, "host_memory": 0,
     "models": 1,
     "generate": 2,
     "sft": 3,

@@ -56,6 +56,7 @@ from easytunix.generate.utils import (
     fine_bucket,
     pack_rows,
 )
+from easytunix.host_memory import release_memory_after_compiles
 from easytunix.layers.cache import KVCache, gather_slots, init_cache, make_decode_mask, positions_from_mask
 from easytunix.layers.sharding import commit_model, mesh_context, module_mesh
 
@@ -217,6 +218,7 @@ class Sampler(BaseSampler):
           f"got {type(cache_config).__name__}."
       )
     self._check_cache_matches(transformer, cache_config)
+    release_memory_after_compiles()
     config = getattr(transformer, "config", None)
     super().__init__(tokenizer, getattr(config, "vocab_size", None))
     self.transformer = commit_model(transformer)  # the same programs before and after a trainer's steps
