@@ -1,9 +1,10 @@
 """Attention whose memory grows linearly in the sequence length.
 
 The dense attention in :mod:`easytunix.layers.attention` builds float32 scores
-and probabilities [B, K, G, T, S] and keeps them for the backward pass. Here the
-mask is given in factored form (key padding, causality, sliding window) and
-never built as a [T, S] array:
+and probabilities [B, K, G, T, S] (its backward pass recomputes them rather than
+keeping them, but each layer's call still holds the whole map). Here the mask is
+given in factored form (key padding, causality, sliding window) and never built
+as a [T, S] array:
 
 * :func:`blockwise_attention` loops over query blocks and, inside each, over
   key blocks with an online softmax (running max / running sum, float32
