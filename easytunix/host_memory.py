@@ -21,6 +21,9 @@ import jax
 # The event jax records when a backend compilation has finished (jax._src.dispatch.BACKEND_COMPILE_EVENT).
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 ENV_DISABLE = "EASYTUNIX_MALLOC_TRIM"  # "0" turns the trimming off
+# Compilations shorter than this leave little behind, and a trim costs ~10 ms: a test suite compiles
+# thousands of tiny programs (trimming after each cost ~2.5% of its time).
+MIN_COMPILE_SECONDS = 0.5
 
 _lock = threading.Lock()
 _installed = False
@@ -38,13 +41,13 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def _after_event(event: str, duration: float, *args: Any, **kwargs: Any) -> None:
-  del duration, args, kwargs
-  if event == COMPILE_EVENT and _trim is not None:
+  del args, kwargs
+  if event == COMPILE_EVENT and duration >= MIN_COMPILE_SECONDS and _trim is not None:
     _trim(0)
 
 
 def release_memory_after_compiles() -> bool:
-  """Returns the freed C heap to the OS after every XLA compilation in this process.
+  """Returns the freed C heap to the OS after every XLA compilation (of ``MIN_COMPILE_SECONDS`` or more).
 
   Idempotent; the trainers and the sampler call it. Off when the environment sets
   ``EASYTUNIX_MALLOC_TRIM=0``.
@@ -66,4 +69,4 @@ def release_memory_after_compiles() -> bool:
     return True
 
 
-__all__ = ["COMPILE_EVENT", "release_memory_after_compiles"]
+__all__ = ["COMPILE_EVENT", "MIN_COMPILE_SECONDS", "release_memory_after_compiles"]

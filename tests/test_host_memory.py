@@ -7,9 +7,10 @@ import pytest
 from easytunix import host_memory
 
 
-def test_trims_once_after_each_compilation_not_after_cached_calls(monkeypatch):
+def test_trims_after_each_compilation_not_after_cached_calls(monkeypatch):
   assert host_memory.release_memory_after_compiles() is True  # glibc (the CI machine)
   seven, nine = jax.block_until_ready((jnp.ones((7,)), jnp.ones((9,))))
+  monkeypatch.setattr(host_memory, "MIN_COMPILE_SECONDS", 0.0)  # these programs compile in milliseconds
   calls = []
   monkeypatch.setattr(host_memory, "_trim", lambda pad: calls.append(pad) or 1)
   f = jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25)  # a new program: compiled on its first call
@@ -35,6 +36,8 @@ def test_installs_one_listener_however_often_it_is_called(monkeypatch):
   host_memory._after_event("/jax/some/other_event", 1.0)
   host_memory._after_event(host_memory.COMPILE_EVENT, 1.0, fun_name="f")
   assert calls == [0]
+  host_memory._after_event(host_memory.COMPILE_EVENT, host_memory.MIN_COMPILE_SECONDS / 2, fun_name="g")
+  assert calls == [0]  # a short compilation leaves too little behind to be worth a trim
 
 
 def test_sampler_and_trainer_turn_it_on(monkeypatch):
