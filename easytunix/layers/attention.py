@@ -258,7 +258,8 @@ def dense_attention_core(qm, k, v, allowed, groups: int, scale: float, softcap: 
   until the backward pass (SmolLM2-135M, 4 x 256 tokens: 270 MB of a full fine-tuning step's
   2.6 GB); here only the output and each row's max and sum are kept, and the backward pass
   recomputes the scores from q and k (one more q.k product; the flash-attention backward, in
-  one dense block). Same forward values; gradients equal up to float rounding.
+  one dense block). Same forward values; gradients equal up to float rounding. Reverse mode only
+  (``jax.grad``, ``jax.vjp``): forward-mode ``jax.jvp`` through it raises, as for any ``custom_vjp``.
   """
   return _core_forward(qm, k, v, allowed, groups, scale, softcap)[0]
 
