@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from easytunix.layers.blockwise_attention import IMPLEMENTATIONS, select_implementation
+from easytunix.layers.blockwise_attention import _NEG, IMPLEMENTATIONS, select_implementation
 from easytunix.layers.blockwise_attention import attention as attention_kernel
 from easytunix.layers.cache import LayerCache, make_causal_mask
 from easytunix.layers.linear import Linear
@@ -231,9 +231,6 @@ class Attention(nnx.Module):
     return self.o_proj(out), new_cache
 
 
-_MASKED = float(jnp.finfo(jnp.float32).min)  # the logit of a key a query may not see
-
-
 def _masked_scores(qm, keys, allowed, groups: int, scale: float, softcap: float | None, columns: bool):
   """float32 logits [B, K, G, T, S] (scaled, soft-capped, masked) and the scaled ones before the cap.
 
@@ -244,7 +241,7 @@ def _masked_scores(qm, keys, allowed, groups: int, scale: float, softcap: float 
   scaled = jnp.einsum(equation, qm, keys, preferred_element_type=jnp.float32)
   scaled = scaled.reshape(b, nk, groups, m // groups, scaled.shape[-1]) * scale
   capped = scaled if softcap is None else jnp.tanh(scaled / softcap) * softcap
-  return jnp.where(allowed[:, None, None, :, :], capped, _MASKED), scaled
+  return jnp.where(allowed[:, None, None, :, :], capped, _NEG), scaled
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
