@@ -92,6 +92,9 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
-      lora = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
-      y = y + lora * jnp.asarray(self.lora_scale, self.dtype)
+      # The scale goes on lora_b ([rank, out]), not on the [tokens, out] product: scaling the
+      # product costs a pass over a [tokens, out] array forward and another over its gradient.
+      # Measured on a SmolLM2-135M LoRA step (4 x 256 tokens, XLA:CPU): 5.05 -> 4.79 s (median).
+      lora_b = self.lora_b[...].astype(self.dtype) * jnp.asarray(self.lora_scale, self.dtype)
+      y = y + (x @ self.lora_a[...].astype(self.dtype)) @ lora_b
     return y.reshape(*lead, y.shape[-1])
