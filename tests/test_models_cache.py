@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from easytunix.layers.cache import make_decode_mask
+from easytunix.layers.cache import RaggedLayout, make_decode_mask
 from easytunix.models.gemma.model import Transformer, TransformerConfig
 from easytunix.models.gemma3.model import Gemma3, Gemma3Config
 from easytunix.models.llama3.model import Llama3, ModelConfig as LlamaConfig
@@ -52,3 +52,53 @@ def test_incremental_decode_matches_full_forward(name):
   # position, cache slot or mask is off by O(1) of it.
   want = np.asarray(full)[np.asarray(mask)]
   np.testing.assert_allclose(np.asarray(incremental)[np.asarray(mask)], want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ragged_prefill_matches_padded_prefill(name):
+  """Prompts end to end in one row (RaggedLayout): every token's logits, the cache and its next slot."""
+  cls, config = MODELS[name]
+  model = cls(config, rngs=nnx.Rngs(1))
+  tokens, mask = hf_reference.prompts_batch(seed=5, batch=3, max_len=18)
+  b, p = tokens.shape
+  key_valid = jnp.zeros((b, 24), bool).at[:, :p].set(mask)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+  want, want_cache = _forward(model, jnp.asarray(tokens), positions, model.init_cache(batch_size=b, max_len=24),
+                              make_decode_mask(key_valid, 0, p))
+
+  n = int(mask.sum()) + 3  # three filler slots at the end
+  slots = np.flatnonzero(mask.reshape(-1))  # left-padded slot b * p + col of each real token, row by row
+  flat = np.zeros((1, n), np.int32)
+  flat[0, : slots.size] = tokens.reshape(-1)[slots]
+  flat_positions = np.zeros((1, n), np.int32)
+  flat_positions[0, : slots.size] = np.asarray(positions).reshape(-1)[slots]
+  src = np.zeros((b, p), np.int32)
+  src.reshape(-1)[slots] = np.arange(slots.size)
+  dst = np.zeros((n,), np.int32)
+  dst[: slots.size] = slots
+  layout = RaggedLayout(jnp.asarray(src), jnp.asarray(dst), jnp.asarray(mask))
+  got, got_cache = _forward(model, jnp.asarray(flat), jnp.asarray(flat_positions),
+                            model.init_cache(batch_size=b, max_len=24), layout)
+
+  assert got.shape == (1, n, want.shape[-1]) and int(got_cache.index) == int(want_cache.index) == p
+  scale = np.abs(np.asarray(want)).max()
+  np.testing.assert_allclose(np.asarray(got)[0, : slots.size], np.asarray(want).reshape(b * p, -1)[slots],
+                             rtol=0, atol=2e-5 * scale)
+  keys_valid = np.asarray(key_valid)[:, None, None, :]
+  for ours, padded in zip(got_cache.layers, want_cache.layers):
+    np.testing.assert_allclose(np.where(keys_valid, ours.k, 0), np.where(keys_valid, padded.k, 0), atol=1e-5)
+    np.testing.assert_allclose(np.where(keys_valid.swapaxes(-1, -2), ours.v, 0),
+                               np.where(keys_valid.swapaxes(-1, -2), padded.v, 0), atol=1e-5)
+    assert not np.any(np.where(keys_valid, 0, ours.k))  # padding slots stay empty
+
+
+def test_ragged_prefill_rejects_wrong_shapes():
+  model = Llama3(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+  layout = RaggedLayout(jnp.zeros((2, 4), jnp.int32), jnp.zeros((6,), jnp.int32), jnp.ones((2, 4), bool))
+  tokens, positions = jnp.ones((1, 6), jnp.int32), jnp.zeros((1, 6), jnp.int32)
+  with pytest.raises(ValueError, match=r"tokens \[1, N\]"):
+    model(jnp.ones((2, 3), jnp.int32), jnp.zeros((2, 3), jnp.int32), model.init_cache(2, 8), layout)
+  with pytest.raises(ValueError, match="positions"):
+    model(tokens, None, model.init_cache(2, 8), layout)
+  with pytest.raises(ValueError, match="cache of 2 rows"):
+    model(tokens, positions, model.init_cache(3, 8), layout)

@@ -188,13 +188,18 @@ def test_sample_best_is_argmax_with_ties_infinities_and_nans(jit):
 VARIED = [list(range(1 + i, 1 + i + n)) for i, n in enumerate([100, 9, 57, 23, 71, 40, 12, 88])]
 
 
+@pytest.mark.parametrize("layout", ["ragged", "rows"])
 @pytest.mark.parametrize("arch", ["gemma3", "qwen3_moe", "llama3"])  # gemma3: sliding window 8
-def test_packed_prefill_matches_padded_prefill_and_transformers(tiny, arch, monkeypatch):
+def test_packed_prefill_matches_padded_prefill_and_transformers(tiny, arch, layout, monkeypatch):
   _, torch_model, model, _ = tiny(arch)
   sampler = Sampler(model, None, CacheConfig.for_model(model, cache_size=256, max_batch_size=8))
-  tokens = sampler._pack(VARIED, 8, 112)[0]  # noqa: SLF001
-  assert tokens.size < 0.8 * 8 * 112, tokens.shape  # the prompts sit end to end in fewer slots
+  sampler._ragged = layout == "ragged"  # noqa: SLF001  (these lengths choose the ragged layout when allowed)
+  packed = sampler._pack(VARIED, 8, 112)  # noqa: SLF001
+  sampler._packed_layouts.clear()  # noqa: SLF001
+  assert packed.ragged == (layout == "ragged")
+  assert packed.tokens.size < 0.8 * 8 * 112, packed.tokens.shape  # the prompts sit end to end in fewer slots
   got = sampler.init_sample_state(VARIED, 8)
+  assert sampler.trace_counts["prefill"] == 1
   with monkeypatch.context() as patch:
     patch.setattr(sampler, "_pack", lambda *args: None)
     want = sampler.init_sample_state(VARIED, 8)
@@ -248,7 +253,20 @@ def test_packing_plan(tiny):
     pack_rows([5, 200], 128)
   sampler = tiny("qwen3")[0]
   assert sampler._pack(PROMPTS, 3, 16) is None  # noqa: SLF001  (48 slots: a compile costs more than the padding)
-  assert sampler._pack([[1] * 100] * 8, 8, 112) is None  # noqa: SLF001  (equal lengths: nothing to save)
+  assert sampler._pack([[1] * 112] * 8, 8, 112) is None  # noqa: SLF001  (equal lengths, no bucket padding: nothing to save)
+  # Chat-like lengths: 400 tokens in one row of 400 slots, attention in the 8 left-padded rows.
+  ragged = sampler._pack(VARIED, 8, 112)  # noqa: SLF001
+  assert ragged.ragged and ragged.tokens.shape == (1, 400)
+  np.testing.assert_array_equal(ragged.tokens[0, :100], VARIED[0])
+  # Each prompt's tokens go to the end of its left-padded row and come back from there.
+  for i, x in enumerate(VARIED):
+    slots = ragged.src[i, 112 - len(x) :]
+    np.testing.assert_array_equal(ragged.tokens[0, slots], x)
+    np.testing.assert_array_equal(ragged.dst[slots], i * 112 + 112 - len(x) + np.arange(len(x)))
+    assert ragged.last[i] == slots[-1]
+  # One long prompt among short ones: left-padded attention would cost 8 x 512^2, so rows win.
+  rows = sampler._pack([[1] * 500] + [[1] * 20] * 7, 8, 512)  # noqa: SLF001
+  assert not rows.ragged and rows.tokens.shape[0] >= 1 and rows.tokens.size < 8 * 512
 
 
 def test_compiles_once_per_bucket_and_weight_updates_do_not_recompile(tiny):

@@ -57,7 +57,14 @@ from easytunix.generate.utils import (
     pack_rows,
 )
 from easytunix.host_memory import release_memory_after_compiles
-from easytunix.layers.cache import KVCache, gather_slots, init_cache, make_decode_mask, positions_from_mask
+from easytunix.layers.cache import (
+    KVCache,
+    RaggedLayout,
+    gather_slots,
+    init_cache,
+    make_decode_mask,
+    positions_from_mask,
+)
 from easytunix.layers.sharding import commit_model, mesh_context, module_mesh
 
 __all__ = [
@@ -174,6 +181,26 @@ class SampleState:
   steps_bucket: int
 
 
+class _Packed(NamedTuple):
+  """A packed prefill's inputs (see ``Sampler._pack``).
+
+  ``ragged``: one row for the projections, attention in the left-padded rows (``RaggedLayout``);
+  otherwise several rows with a block-diagonal mask. ``tokens``, ``positions`` and ``segments``
+  (the prompt of each slot, -1 for an empty one) are [rows, width]; ``src`` [batch bucket, prompt
+  bucket] the packed slot (``row * width + col``) each left-padded slot takes, ``dst`` [rows * width]
+  the left-padded slot (``b * prompt bucket + p``) each packed slot's output comes from, and
+  ``last`` [batch bucket] the packed slot of each prompt's last token.
+  """
+
+  ragged: bool
+  tokens: np.ndarray
+  positions: np.ndarray
+  segments: np.ndarray
+  src: np.ndarray
+  last: np.ndarray
+  dst: np.ndarray
+
+
 class _Decode(NamedTuple):
   """The loop carry of the greedy / sampling decode loop."""
 
@@ -229,13 +256,17 @@ class Sampler(BaseSampler):
     self.cache_dtype = jnp.dtype(cache_config.dtype if cache_config.dtype is not None else model_dtype or jnp.float32)
     self._rng = jax.random.key(0)
     self._trace_counts: collections.Counter = collections.Counter()
-    self._packed_layouts: dict[tuple[int, int, int], list[tuple[int, int]]] = {}  # see _pack
+    # (batch bucket, prompt bucket, cache length) -> the compiled packed layouts (rows, width); see _pack
+    self._packed_layouts: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
     # On a mesh, every program is traced under it (as the trainers' steps are), so the model's activation
     # constraints apply: the batch stays split over the data axes instead of being left to propagation.
     self.mesh = module_mesh(transformer)
     on_mesh = self._on_mesh
     self._prefill_jit = jax.jit(on_mesh(self._prefill_impl), static_argnames=("cache_len",))
     self._prefill_packed_jit = jax.jit(on_mesh(self._prefill_packed_impl), static_argnames=("cache_len",))
+    self._prefill_ragged_jit = jax.jit(on_mesh(self._prefill_ragged_impl), static_argnames=("cache_len",))
+    # Models that take a RaggedLayout as their attention mask (every easytunix model) prefill in it.
+    self._ragged = bool(getattr(transformer, "accepts_ragged_layout", False))
     self._decode_jit = jax.jit(
         on_mesh(self._decode_impl), static_argnames=("mode", "out_len"), donate_argnames=("cache",))
     self._beam_jit = jax.jit(
@@ -462,81 +493,100 @@ class Sampler(BaseSampler):
 
   def _pack(
       self, ids: list[Sequence[int]], batch_bucket: int, prompt_bucket: int, cache_len: int = 0
-  ) -> tuple[np.ndarray, ...] | None:
+  ) -> _Packed | None:
     """The packed prefill's inputs for these prompts, or None when packing would not pay.
 
     Left-padded, the prefill computes ``batch x prompt bucket`` token slots, most of them padding
     when the prompts' lengths differ (16 chat prompts of 35-54 tokens: 896 slots for 657 tokens).
-    Packed, the prompts sit end to end in fewer, wider rows (first fit, longest first) and attend
-    only within their own slots (a block-diagonal causal mask); their keys and values are then
-    gathered into the usual left-padded cache, so decoding is unchanged. Wider rows cost dense
-    attention over more slots, so a layout of ``rows x width`` is scored as
-    ``slots * (1 + width / 2048)`` and packing is used when that is under 90% of the padded score.
+    Two packed layouts compute fewer:
 
-    Every layout is one more program to compile, so: row counts and widths are bucketed; a layout
-    already compiled for this shape is reused whenever it fits and scores within 10% of the best
-    new one; at most ``PACK_MAX_LAYOUTS`` layouts are compiled per (batch bucket, prompt bucket,
-    cache length), after which batches that fit none of them are padded; small prefills (under
-    ``PACK_MIN_SLOTS`` padded slots, where a compile costs more than the padding) and models on a
-    multi-device mesh (its rows are what the mesh splits) are never packed.
+    - ragged (easytunix models, see ``RaggedLayout``): the prompts end to end in one row of
+      ``width`` slots for every projection and MLP (672 slots for those 657 tokens), while each
+      attention layer attends in the left-padded rows, gathered from and scattered back to that
+      row. Attention keeps the padded cost, so the layout scores ``width + batch * prompt^2 / 2048``.
+    - rows: the prompts end to end in fewer, wider rows (first fit, longest first), attending only
+      within their own slots (a block-diagonal causal mask); their keys and values are then gathered
+      into the usual left-padded cache. Wider rows cost dense attention over more slots, so
+      ``rows x width`` scores ``slots * (1 + width / 2048)``. This one wins when one long prompt
+      would make the left-padded attention dear.
+
+    The best-scoring layout is used when it scores under 90% of the padded prefill. Decoding is the
+    same after any of them. Every layout is one more program to compile, so: row counts and widths
+    are bucketed; a layout already compiled for this shape is reused whenever it fits and scores
+    within 10% of the best new one; at most ``PACK_MAX_LAYOUTS`` layouts are compiled per (batch
+    bucket, prompt bucket, cache length), after which batches that fit none of them are padded;
+    small prefills (under ``PACK_MIN_SLOTS`` padded slots, where a compile costs more than the
+    padding) and models on a multi-device mesh (its rows are what the mesh splits) are never packed.
 
     Returns:
-      (tokens, positions, segments) [rows, width] int32 (segment -1: an empty slot), src [batch
-      bucket, prompt bucket] int32 (the packed slot each cache slot copies) and last [batch bucket]
-      int32 (the packed slot of each prompt's last token), or None.
+      A ``_Packed`` (its ``ragged`` flag says which layout), or None.
     """
     if batch_bucket * prompt_bucket < PACK_MIN_SLOTS or (self.mesh is not None and self.mesh.size > 1):
       return None
     lengths = [len(x) for x in ids]
-    cost = lambda rows, width: rows * width * (1 + width / 2048)  # noqa: E731
+    total = sum(lengths)
+    attention = batch_bucket * prompt_bucket**2 / 2048  # the ragged layout's (left-padded) attention
+
+    def cost(rows: int, width: int) -> float:  # rows == 0: the ragged layout of ``width`` slots
+      return width + attention if rows == 0 else rows * width * (1 + width / 2048)
+
     limit = 0.9 * cost(batch_bucket, prompt_bucket)
 
     def fits(rows: int, width: int) -> list[tuple[int, int]] | None:
+      if rows == 0:
+        return [(0, offset) for offset in np.cumsum([0, *lengths[:-1]]).tolist()] if total <= width else None
       if width < max(lengths):
         return None
       placed = pack_rows(lengths, width)
       return placed if max(r for r, _ in placed) < rows else None
 
-    new = None  # (score, rows, width, placed): each bucketed row count with the narrowest bucketed width that fits
+    candidates = []  # each bucketed row count with the narrowest bucketed width that fits
+    if self._ragged:
+      candidates.append((0, fine_bucket(total, MIN_PROMPT_BUCKET, per_octave=16)))
     rows = 1
     while rows < batch_bucket:
-      width = fine_bucket(max(max(lengths), -(-sum(lengths) // rows)), MIN_PROMPT_BUCKET, per_octave=4)
+      width = fine_bucket(max(max(lengths), -(-total // rows)), MIN_PROMPT_BUCKET, per_octave=4)
       for _ in range(3):
-        placed = fits(rows, width)
-        if placed is not None:
-          if cost(rows, width) < limit and (new is None or cost(rows, width) < new[0]):
-            new = (cost(rows, width), rows, width, placed)
+        if fits(rows, width) is not None:
+          candidates.append((rows, width))
           break
         width = fine_bucket(width + 1, MIN_PROMPT_BUCKET, per_octave=4)
       rows = fine_bucket(rows + 1, 1)
+    new = min(((cost(r, w), r, w) for r, w in candidates if cost(r, w) < limit), default=None)
     known = self._packed_layouts.setdefault((batch_bucket, prompt_bucket, cache_len), [])
-    old = None
-    for rows, width in known:
-      if cost(rows, width) < limit and (old is None or cost(rows, width) < old[0]):
-        placed = fits(rows, width)
-        if placed is not None:
-          old = (cost(rows, width), rows, width, placed)
+    old = min(((cost(r, w), r, w) for r, w in known if cost(r, w) < limit and fits(r, w) is not None), default=None)
     if old is not None and (new is None or old[0] <= 1.1 * new[0]):
-      chosen = old
+      _, rows, width = old
     elif new is not None and len(known) < PACK_MAX_LAYOUTS:
-      chosen = new
-      known.append((new[1], new[2]))
+      _, rows, width = new
+      known.append((rows, width))
     else:
       return None
-    _, rows, width, placed = chosen
-    tokens = np.full((rows, width), self._pad_id(), np.int32)
-    positions = np.zeros((rows, width), np.int32)
-    segments = np.full((rows, width), -1, np.int32)
+    placed = fits(rows, width)
+    tokens = np.full((max(rows, 1), width), self._pad_id(), np.int32)
+    positions = np.zeros((max(rows, 1), width), np.int32)
+    segments = np.full((max(rows, 1), width), -1, np.int32)
     src = np.zeros((batch_bucket, prompt_bucket), np.int32)
     last = np.zeros((batch_bucket,), np.int32)
+    dst = np.zeros((tokens.size,), np.int32)
     for i, (x, (row, offset)) in enumerate(zip(ids, placed)):
       n = len(x)
       tokens[row, offset : offset + n] = x
       positions[row, offset : offset + n] = np.arange(n)
       segments[row, offset : offset + n] = i
       src[i, prompt_bucket - n :] = row * width + offset + np.arange(n)
+      dst[row * width + offset + np.arange(n)] = i * prompt_bucket + prompt_bucket - n + np.arange(n)
       last[i] = row * width + offset + n - 1
-    return tokens, positions, segments, src, last
+    return _Packed(rows == 0, tokens, positions, segments, src, last, dst)
+
+  def _prefill_ragged_impl(self, state, tokens, positions, src, dst, last, valid, *, cache_len: int):
+    """``_prefill_impl``'s result from prompts laid end to end in one row [1, N] (see ``RaggedLayout``)."""
+    self._trace_counts["prefill"] += 1
+    layout = RaggedLayout(src, dst, valid.astype(jnp.bool_))
+    pick = lambda x: jnp.take(x[0], last, axis=0)  # noqa: E731
+    cache = self._empty_cache(src.shape[0], cache_len)
+    logits, cache = _picked_logits(self._model(state), tokens, positions, cache, layout, pick)
+    return cache, logits.astype(jnp.float32), _key_valid(valid, cache_len), jnp.sum(valid, axis=-1).astype(jnp.int32)
 
   def _prefill_packed_impl(self, state, tokens, positions, segments, src, last, valid, *, cache_len: int):
     """``_prefill_impl``'s result from prompts packed end to end (see ``_pack``)."""
@@ -635,9 +685,15 @@ class Sampler(BaseSampler):
       cache, logits, key_valid, positions = self._prefill_jit(
           self._params(), jnp.asarray(tokens), jnp.asarray(valid), cache_len=cache_len
       )
+    elif packed.ragged:
+      cache, logits, key_valid, positions = self._prefill_ragged_jit(
+          self._params(), *map(jnp.asarray, (packed.tokens, packed.positions, packed.src, packed.dst, packed.last)),
+          jnp.asarray(valid), cache_len=cache_len,
+      )
     else:
       cache, logits, key_valid, positions = self._prefill_packed_jit(
-          self._params(), *map(jnp.asarray, packed), jnp.asarray(valid), cache_len=cache_len
+          self._params(), *map(jnp.asarray, (packed.tokens, packed.positions, packed.segments, packed.src, packed.last)),
+          jnp.asarray(valid), cache_len=cache_len,
       )
     return SampleState(cache, logits, key_valid, positions, tokens, lengths, len(ids), steps_bucket)
 

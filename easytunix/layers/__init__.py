@@ -1,7 +1,7 @@
 """Shared building blocks for every model family: written once, imported by all."""
 
 from easytunix.layers.attention import Attention, AttentionConfig
-from easytunix.layers.cache import KVCache, LayerCache, init_cache, make_causal_mask, make_decode_mask
+from easytunix.layers.cache import KVCache, LayerCache, RaggedLayout, init_cache, make_causal_mask, make_decode_mask
 from easytunix.layers.embedder import Embedder
 from easytunix.layers.linear import Linear
 from easytunix.layers.mlp import MLP
@@ -23,6 +23,7 @@ __all__ = [
     "QuantizedKernel",
     "QuantizedWeight",
     "RMSNorm",
+    "RaggedLayout",
     "RopeConfig",
     "ShardingConfig",
     "apply_rope",

@@ -16,7 +16,7 @@ from flax import nnx
 
 from easytunix.layers.blockwise_attention import _NEG, IMPLEMENTATIONS, select_implementation
 from easytunix.layers.blockwise_attention import attention as attention_kernel
-from easytunix.layers.cache import LayerCache, make_causal_mask
+from easytunix.layers.cache import LayerCache, RaggedLayout, make_causal_mask
 from easytunix.layers.linear import Linear
 from easytunix.layers.norm import RMSNorm
 from easytunix.layers.rope import RopeConfig, apply_rope, rope_inv_freq
@@ -153,10 +153,24 @@ class Attention(nnx.Module):
       self,
       x: jax.Array,
       positions: jax.Array,
-      mask: jax.Array,
+      mask: jax.Array | RaggedLayout,
       cache: LayerCache | None = None,
       cache_index: jax.Array | int | None = None,
   ) -> tuple[jax.Array, LayerCache | None]:
+    q, k, v = self._project(x, positions)
+    if isinstance(mask, RaggedLayout):
+      # Tokens end to end [1, N]: attention runs on the prompts' left-padded rows, written from slot 0
+      # (the padding slots' keys and values zero, as a padded prefill's gathered cache has them).
+      q, k, v = (mask.to_rows(a) for a in (q, k, v))
+      k, v = (jnp.where(mask.valid[:, :, None, None], a, jnp.zeros((), a.dtype)) for a in (k, v))
+      new_cache = None if cache is None else self._write(cache, k, v, jnp.zeros((), jnp.int32))
+      out, _ = self._attend(q, k, v, mask.valid, None, None)
+      return self.o_proj(mask.to_tokens(out)), new_cache
+    out, new_cache = self._attend(q, k, v, mask, cache, cache_index)
+    return self.o_proj(out), new_cache
+
+  def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries [B, T, heads, head_dim] and keys and values [B, T, kv_heads, head_dim], normed and rotated."""
     c = self.config
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
@@ -168,21 +182,32 @@ class Attention(nnx.Module):
     inv_freq = rope_inv_freq(c.head_dim, c.rope)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    return q, k, v
 
+  @staticmethod
+  def _write(cache: LayerCache, k: jax.Array, v: jax.Array, start: jax.Array) -> LayerCache:
+    """The cache with keys and values [B, T, K, H] written at slots ``start..start+T-1``.
+
+    The cache is heads-major (keys [B, K, H, S], values [B, K, S, H]): both attention products
+    read it as plain batched matmuls over (b, k), the keys with the slots as columns. In the
+    [B, S, K, H] order every decode step would first copy each layer's whole cache into that
+    layout (a tenth of a float32 decode step on CPU).
+    """
+    zero = jnp.zeros((), jnp.int32)
+    return LayerCache(
+        jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 3, 1).astype(cache.k.dtype), (zero, zero, zero, start)),
+        jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (zero, zero, start, zero)),
+    )
+
+  def _attend(self, q, k, v, mask, cache, cache_index) -> tuple[jax.Array, LayerCache | None]:
+    """``o_proj``'s input [B, T, heads * head_dim] from projected q, k, v, and the updated cache."""
+    c = self.config
+    b, t = q.shape[:2]
     start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
     new_cache = None
     if cache is not None:
-      # The cache is heads-major (keys [B, K, H, S], values [B, K, S, H]): both attention products
-      # below read it as plain batched matmuls over (b, k), the keys with the slots as columns. In
-      # the [B, S, K, H] order every decode step would first copy each layer's whole cache into
-      # that layout (a tenth of a float32 decode step on CPU).
-      zero = jnp.zeros((), jnp.int32)
-      k_cols = jax.lax.dynamic_update_slice(
-          cache.k, k.transpose(0, 2, 3, 1).astype(cache.k.dtype), (zero, zero, zero, start))
-      v_heads = jax.lax.dynamic_update_slice(
-          cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), (zero, zero, start, zero))
-      new_cache = LayerCache(k_cols, v_heads)
-      k_cols, v_heads = k_cols.astype(self.dtype), v_heads.astype(self.dtype)
+      new_cache = self._write(cache, k, v, start)
+      k_cols, v_heads = new_cache.k.astype(self.dtype), new_cache.v.astype(self.dtype)
       k_heads = None
     else:
       k_cols, k_heads, v_heads = None, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -201,7 +226,7 @@ class Attention(nnx.Module):
       if chosen != "xla":
         v_all = v if cache is None else v_heads.transpose(0, 2, 1, 3)
         out = attention_kernel(qg, k_all, v_all, scale=c.scale, implementation=c.implementation, **factored)
-        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_cache
+        return out.reshape(b, t, c.num_heads * c.head_dim), new_cache
     if mask.ndim == 2:
       mask = make_causal_mask(mask) if cache is None else mask[:, None, :] & (
           jnp.arange(s)[None, None, :] <= (start + jnp.arange(t))[None, :, None])
@@ -227,8 +252,7 @@ class Attention(nnx.Module):
         self.sow(nnx.Intermediate, ATTENTION_WEIGHTS, probs.reshape(b, c.num_heads, t, s))
       out = jnp.einsum("bkms,bksh->bkmh", probs.astype(self.dtype).reshape(b, c.num_kv_heads, groups * t, s), v_heads)
     out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
-    out = out.reshape(b, t, c.num_heads * c.head_dim)
-    return self.o_proj(out), new_cache
+    return out.reshape(b, t, c.num_heads * c.head_dim), new_cache
 
 
 def _masked_scores(qm, keys, allowed, groups: int, scale: float, softcap: float | None, columns: bool):

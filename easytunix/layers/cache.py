@@ -7,6 +7,7 @@ Positions are per row (a padded row starts at position 0 after its padding).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -117,3 +118,42 @@ def gather_slots(cache: KVCache, src: jax.Array, valid: jax.Array, max_len: int)
     layers.append(LayerCache(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, pad))),
                              jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))))
   return KVCache(tuple(layers), jnp.asarray(p, jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RaggedLayout:
+  """Prompts laid end to end in one row for the projections, left-padded per prompt for attention.
+
+  A prefill in this layout computes the projections and MLPs of the real tokens only
+  (one row of ``N`` slots, no padding between prompts), while each attention layer
+  gathers its queries, keys and values into the usual left-padded ``[B, P]`` rows,
+  attends causally within each row, writes that row's cache slots ``0..P-1`` and
+  scatters the outputs back. Pass it as the model's ``attention_mask`` with tokens and
+  positions of shape [1, N] and a cache of ``B`` rows.
+
+  Attributes:
+    src: [B, P] int32, the token (of the N) that each left-padded slot holds (any token where ``valid`` is False).
+    dst: [N] int32, the left-padded slot ``b * P + p`` each token's output comes from (any slot for a filler token).
+    valid: [B, P] bool, which left-padded slots hold a token.
+  """
+
+  src: jax.Array
+  dst: jax.Array
+  valid: jax.Array
+
+  @property
+  def rows(self) -> int:
+    return self.src.shape[0]
+
+  @property
+  def width(self) -> int:
+    return self.src.shape[1]
+
+  def to_rows(self, x: jax.Array) -> jax.Array:
+    """[1, N, ...] -> [B, P, ...]: each token into its prompt's left-padded slot."""
+    return jnp.take(x[0], self.src, axis=0)
+
+  def to_tokens(self, y: jax.Array) -> jax.Array:
+    """[B, P, ...] -> [1, N, ...]: each token's output back from its left-padded slot."""
+    return jnp.take(y.reshape((-1,) + y.shape[2:]), self.dst, axis=0)[None]

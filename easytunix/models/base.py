@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easytunix.layers.attention import LAYER_OUTPUT, Attention, AttentionConfig, should_sow
-from easytunix.layers.cache import KVCache, init_cache, positions_from_mask
+from easytunix.layers.cache import KVCache, RaggedLayout, init_cache, positions_from_mask
 from easytunix.layers.embedder import Embedder
 from easytunix.layers.linear import Linear
 from easytunix.layers.mlp import ACTIVATIONS, MLP
@@ -320,6 +320,23 @@ def _head_logits(head: nnx.Module, hidden: jax.Array, softcap: float | None) -> 
   return logits
 
 
+def _check_ragged(layout: RaggedLayout, tokens: jax.Array, positions: jax.Array | None, cache: KVCache | None) -> None:
+  """Shapes a ``RaggedLayout`` prefill needs: one row of N tokens, their positions, a fresh cache of B rows."""
+  n = tokens.shape[1]
+  if tokens.shape[0] != 1 or layout.dst.shape != (n,) or layout.valid.shape != layout.src.shape:
+    raise ValueError(
+        f"A RaggedLayout prefill takes tokens [1, N] with dst [N] and src, valid [B, P]; got tokens "
+        f"{tokens.shape}, dst {layout.dst.shape}, src {layout.src.shape}, valid {layout.valid.shape}."
+    )
+  if positions is None or jnp.shape(positions) != (1, n):
+    raise ValueError(f"A RaggedLayout prefill needs the tokens' positions [1, {n}] (each prompt counts from 0).")
+  if cache is not None and (cache.batch_size != layout.rows or cache.max_len < layout.width):
+    raise ValueError(
+        f"A RaggedLayout prefill of {layout.rows} prompts x {layout.width} slots needs a cache of "
+        f"{layout.rows} rows and at least {layout.width} slots; got {cache.batch_size} x {cache.max_len}."
+    )
+
+
 def _call_layer(layer, x, positions, mask, layer_cache, cache_index):
   return layer(x, positions, mask, layer_cache, cache_index)
 
@@ -367,11 +384,16 @@ class CausalLM(nnx.Module):
   [B, T, S] with one, where S is the cache length and the T new tokens are written
   at ``cache.index``. Both forms give the same logits; the factored one is faster.
   Without ``positions``, they are counted from each row's first real token (read off
-  the mask's diagonal for a [B, T, T] mask).
+  the mask's diagonal for a [B, T, T] mask). A third form, ``RaggedLayout``, is the
+  sampler's prefill of prompts laid end to end in one row (tokens and positions [1, N]):
+  projections on the real tokens only, attention in left-padded rows, the cache written
+  from slot 0.
   """
 
   # Trainers may pass a [B, T] padding mask (see easytunix.models.calling).
   accepts_padding_mask: ClassVar[bool] = True
+  # The sampler may prefill with a RaggedLayout as the attention mask (prompts end to end in one row).
+  accepts_ragged_layout: ClassVar[bool] = True
 
   config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
   # The family's registry key ("llama3", ...): its module is easytunix.models.<family> (model, params).
@@ -417,7 +439,10 @@ class CausalLM(nnx.Module):
   ):
     tokens = jnp.asarray(input_tokens)
     b, t = tokens.shape
-    if attention_mask is not None:
+    ragged = isinstance(attention_mask, RaggedLayout)
+    if ragged:
+      _check_ragged(attention_mask, tokens, positions, cache)
+    elif attention_mask is not None:
       attention_mask = jnp.asarray(attention_mask)
       s = t if cache is None else cache.max_len
       if attention_mask.shape not in ((b, t), (b, t, s)):
@@ -437,7 +462,7 @@ class CausalLM(nnx.Module):
       if cache is not None:
         raise ValueError("With a KV cache, pass the [B, T, S] attention_mask (see make_decode_mask).")
       attention_mask = jnp.ones((b, t), jnp.bool_)
-    elif attention_mask.ndim == 2 and cache is not None:
+    elif not ragged and attention_mask.ndim == 2 and cache is not None:
       raise ValueError("With a KV cache, pass the [B, T, S] attention_mask (see make_decode_mask).")
     # A [B, T] mask stays factored (causal over the valid keys): the attention layers then choose
     # dense, blockwise (memory linear in T) or cuDNN attention without a [T, T] mask in memory.
@@ -457,7 +482,9 @@ class CausalLM(nnx.Module):
       new_layers.append(new_layer_cache)
     hidden = self.final_norm(x)
     logits = constrain(self.logits(hidden), act)
-    new_cache = None if cache is None else KVCache(tuple(new_layers), cache.index + t)
+    if cache is not None:
+      next_slot = jnp.asarray(attention_mask.width, jnp.int32) if ragged else cache.index + t
+    new_cache = None if cache is None else KVCache(tuple(new_layers), next_slot)
     if return_hidden_states:
       return logits, new_cache, hidden
     return logits, new_cache
