@@ -305,3 +305,35 @@ def test_dense_core_keeps_no_probabilities_for_the_backward_pass(monkeypatch):
   probs = b * model.config.num_heads * t * t * 4
   # Measured: 14.3 vs 18.8 MiB (0.5 MiB of probabilities per layer).
   assert autodiff - core > layers / 2 * probs, (core, autodiff, probs)
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (70, 1.5)], ids=["causal-padding", "window-softcap"])
+def test_causal_blocks_match_one_dense_block(window, softcap):
+  """Query blocks over their key prefixes (150 slots: blocks of 64, 64 and 22), outputs and gradients."""
+  from easytunix.layers.attention import causal_blocks_attention
+
+  b, t, nk, g, h = 2, 150, 2, 2, 8
+  r = np.random.default_rng(3)
+  qm, cot = (jnp.asarray(r.normal(size=(b, nk, g * t, h)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(r.normal(size=(b, nk, t, h)), jnp.float32) for _ in range(2))
+  key_valid = np.ones((b, t), bool)
+  key_valid[0, t - 2 :] = False  # right padding
+  key_valid[1, :3] = False  # left padding: row 1's first 3 queries see no key
+  allowed = reference_mask(key_valid, 0, t, True, window)
+  # Rows with a visible key [B, 1, G * T, 1]; a row that sees none is padding (its output is not compared).
+  rows = jnp.asarray(np.asarray(allowed).any(-1)[:, None, None, :].repeat(g, 2).reshape(b, 1, g * t, 1))
+
+  @jax.jit
+  def run(qm, k, v, cot):
+    results = []
+    for fn in (causal_blocks_attention, dense_attention_core):
+      out, vjp = jax.vjp(lambda qm, k, v: fn(qm, k, v, allowed, g, 0.35, softcap), qm, k, v)
+      results.append((out, *vjp(cot * rows)))
+    return results
+
+  got, want = run(qm, k, v, cot)
+  for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert np.all(np.isfinite(a)), name
+    a, w = (np.where(rows, a, 0), np.where(rows, w, 0)) if name in ("out", "dq") else (a, w)
+    np.testing.assert_allclose(a, w, rtol=OUT_TOL if name == "out" else GRAD_TOL,
+                               atol=OUT_TOL if name == "out" else GRAD_TOL, err_msg=name)

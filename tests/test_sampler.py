@@ -253,7 +253,8 @@ def test_packing_plan(tiny):
     pack_rows([5, 200], 128)
   sampler = tiny("qwen3")[0]
   assert sampler._pack(PROMPTS, 3, 16) is None  # noqa: SLF001  (48 slots: a compile costs more than the padding)
-  assert sampler._pack([[1] * 112] * 8, 8, 112) is None  # noqa: SLF001  (equal lengths, no bucket padding: nothing to save)
+  # Equal lengths that fill their bucket: nothing to save.
+  assert sampler._pack([[1] * 112] * 8, 8, 112) is None  # noqa: SLF001
   # Chat-like lengths: 400 tokens in one row of 400 slots, attention in the 8 left-padded rows.
   ragged = sampler._pack(VARIED, 8, 112)  # noqa: SLF001
   assert ragged.ragged and ragged.tokens.shape == (1, 400)

@@ -685,15 +685,14 @@ class Sampler(BaseSampler):
       cache, logits, key_valid, positions = self._prefill_jit(
           self._params(), jnp.asarray(tokens), jnp.asarray(valid), cache_len=cache_len
       )
-    elif packed.ragged:
-      cache, logits, key_valid, positions = self._prefill_ragged_jit(
-          self._params(), *map(jnp.asarray, (packed.tokens, packed.positions, packed.src, packed.dst, packed.last)),
-          jnp.asarray(valid), cache_len=cache_len,
-      )
     else:
-      cache, logits, key_valid, positions = self._prefill_packed_jit(
-          self._params(), *map(jnp.asarray, (packed.tokens, packed.positions, packed.segments, packed.src, packed.last)),
-          jnp.asarray(valid), cache_len=cache_len,
+      prefill, names = (
+          (self._prefill_ragged_jit, ("tokens", "positions", "src", "dst", "last")) if packed.ragged
+          else (self._prefill_packed_jit, ("tokens", "positions", "segments", "src", "last"))
+      )
+      cache, logits, key_valid, positions = prefill(
+          self._params(), *(jnp.asarray(getattr(packed, name)) for name in names), jnp.asarray(valid),
+          cache_len=cache_len,
       )
     return SampleState(cache, logits, key_valid, positions, tokens, lengths, len(ids), steps_bucket)
 
