@@ -337,3 +337,30 @@ def test_causal_blocks_match_one_dense_block(window, softcap):
     a, w = (np.where(rows, a, 0), np.where(rows, w, 0)) if name in ("out", "dq") else (a, w)
     np.testing.assert_allclose(a, w, rtol=OUT_TOL if name == "out" else GRAD_TOL,
                                atol=OUT_TOL if name == "out" else GRAD_TOL, err_msg=name)
+
+
+def test_model_runs_causal_blocks_on_cpu_for_big_score_maps(monkeypatch):
+  """The layer takes the blocks for a factored causal mask once a layer's scores are big enough; same logits."""
+  from flax import nnx
+
+  from easytunix.layers import attention
+  from easytunix.models.llama3.model import Llama3, ModelConfig
+
+  graphdef, state = nnx.split(Llama3(ModelConfig.tiny(num_layers=1), rngs=nnx.Rngs(0)))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 150)), jnp.int32)
+  valid = jnp.asarray(np.arange(150)[None, :] >= np.array([[0], [5]]))  # row 1 left-padded by 5
+
+  def logits():
+    return jax.jit(lambda state: nnx.merge(graphdef, state)(tokens, None, None, valid)[0])(state)
+
+  want = logits()
+  calls = []
+  blocks = attention.causal_blocks_attention
+  monkeypatch.setattr(attention, "causal_blocks_attention", lambda *args: calls.append(1) or blocks(*args))
+  assert np.array_equal(logits(), want) and not calls  # 2 x 4 heads x 150^2 scores: under the threshold
+  monkeypatch.setattr(attention, "CAUSAL_BLOCKS_MIN_SCORES", 0)
+  got = logits()
+  assert calls == [1]
+  rows = np.asarray(valid)
+  np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], rtol=0,
+                             atol=2e-5 * np.abs(np.asarray(want)).max())

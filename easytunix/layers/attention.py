@@ -245,7 +245,7 @@ class Attention(nnx.Module):
     # the transposes are as cheap as the strides they replace. Same products, same values.
     qm = qg.transpose(0, 2, 3, 1, 4).reshape(b, c.num_kv_heads, groups * t, c.head_dim)
     if k_cols is None and not capture:
-      if causal_rows and jax.default_backend() == "cpu":
+      if causal_rows and b * c.num_heads * t * t >= CAUSAL_BLOCKS_MIN_SCORES and jax.default_backend() == "cpu":
         out = causal_blocks_attention(qm, k_heads, v_heads, allowed, groups, c.scale, c.softcap)
       else:
         out = dense_attention_core(qm, k_heads, v_heads, allowed, groups, c.scale, c.softcap)
@@ -327,9 +327,12 @@ def _core_backward(groups, scale, softcap, residuals, d_out):
 
 dense_attention_core.defvjp(_core_forward, _core_backward)
 
-# Causal dense attention on CPU runs in query blocks of at least this many rows, at most this many blocks.
+# Causal dense attention on CPU runs in query blocks of at least this many rows, at most this many blocks,
+# when a layer's scores have at least this many elements (below, the few milliseconds saved per step do not
+# pay for the longer compilation: a 4 x 256-token SmolLM2 step has 2.4M, a tiny test model's far fewer).
 CAUSAL_BLOCK_ROWS = 64
 CAUSAL_MAX_BLOCKS = 8
+CAUSAL_BLOCKS_MIN_SCORES = 1 << 20
 
 
 def causal_blocks_attention(qm, k, v, allowed, groups: int, scale: float, softcap: float | None):
