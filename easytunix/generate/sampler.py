@@ -485,7 +485,7 @@ class Sampler(BaseSampler):
     mask = make_decode_mask(key_valid, 0, p)
     last_logits, cache = _picked_logits(
         self._model(state), tokens, positions_from_mask(valid), cache, mask, lambda x: x[:, -1])
-    return cache, last_logits.astype(jnp.float32), key_valid, jnp.sum(valid, axis=-1).astype(jnp.int32)
+    return _prefilled(cache, last_logits, valid, cache_len)
 
   def _empty_cache(self, rows: int, slots: int) -> KVCache:
     cfg = self.cache_config
@@ -586,7 +586,7 @@ class Sampler(BaseSampler):
     pick = lambda x: jnp.take(x[0], last, axis=0)  # noqa: E731
     cache = self._empty_cache(src.shape[0], cache_len)
     logits, cache = _picked_logits(self._model(state), tokens, positions, cache, layout, pick)
-    return cache, logits.astype(jnp.float32), _key_valid(valid, cache_len), jnp.sum(valid, axis=-1).astype(jnp.int32)
+    return _prefilled(cache, logits, valid, cache_len)
 
   def _prefill_packed_impl(self, state, tokens, positions, segments, src, last, valid, *, cache_len: int):
     """``_prefill_impl``'s result from prompts packed end to end (see ``_pack``)."""
@@ -597,7 +597,7 @@ class Sampler(BaseSampler):
     pick = lambda x: jnp.take(x.reshape((-1,) + x.shape[2:]), last, axis=0)  # noqa: E731  (flat slot row * W + col)
     logits, packed = _picked_logits(self._model(state), tokens, positions, self._empty_cache(rows, width), mask, pick)
     cache = gather_slots(packed, src, valid, cache_len)
-    return cache, logits.astype(jnp.float32), _key_valid(valid, cache_len), jnp.sum(valid, axis=-1).astype(jnp.int32)
+    return _prefilled(cache, logits, valid, cache_len)
 
   @staticmethod
   def _forward_one(model, cache, token, key_valid, position):
@@ -922,6 +922,11 @@ def _flat_leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
       out.update(_flat_leaves(value, prefix + (str(key),)))
     return out
   return {prefix: tree}
+
+
+def _prefilled(cache: KVCache, logits: jax.Array, valid: jax.Array, cache_len: int):
+  """Every prefill's result: (cache, float32 last logits, key validity [B, cache_len], next positions [B])."""
+  return cache, logits.astype(jnp.float32), _key_valid(valid, cache_len), jnp.sum(valid, axis=-1).astype(jnp.int32)
 
 
 def _key_valid(valid: jax.Array, cache_len: int) -> jax.Array:

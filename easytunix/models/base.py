@@ -482,9 +482,10 @@ class CausalLM(nnx.Module):
       new_layers.append(new_layer_cache)
     hidden = self.final_norm(x)
     logits = constrain(self.logits(hidden), act)
+    new_cache = None
     if cache is not None:
       next_slot = jnp.asarray(attention_mask.width, jnp.int32) if ragged else cache.index + t
-    new_cache = None if cache is None else KVCache(tuple(new_layers), next_slot)
+      new_cache = KVCache(tuple(new_layers), next_slot)
     if return_hidden_states:
       return logits, new_cache, hidden
     return logits, new_cache
