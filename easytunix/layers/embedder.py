@@ -8,6 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# Row counts (batch x positions) for which ``Embedder.decode`` runs as table @ rows.T on CPU: from 2
+# (one row runs as fast either way) to 32 (at 64 rows the two break even; at 256 the plain form
+# is 1.4x faster).
+FEW_ROWS = (2, 32)
+
 
 class Embedder(nnx.Module):
   """Looks tokens up in ``embedding`` [vocab, dim]; ``decode`` projects back to logits.
@@ -48,4 +53,12 @@ class Embedder(nnx.Module):
     # One 2-D matmul over all positions: XLA:CPU transposes [B, T, ...] gradients into another layout
     # for batched 3-D operands; on every backend the reshapes are free.
     rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-    return (rows @ self.embedding[...].astype(self.dtype).T).reshape(*x.shape[:-1], self.vocab_size)
+    table = self.embedding[...].astype(self.dtype)
+    if FEW_ROWS[0] <= rows.shape[0] <= FEW_ROWS[1] and jax.default_backend() == "cpu":
+      # A decode step's few rows: XLA:CPU computes table @ rows.T [vocab, rows] 1.3-2.5x faster than
+      # rows @ table.T (16 x 49,152 x 576: 7.6 vs 10.8 ms, a fifth of a SmolLM2 decode step); the
+      # barrier keeps XLA from folding the transpose back into the product's layout.
+      logits = jax.lax.optimization_barrier(table @ rows.T).T
+    else:
+      logits = rows @ table.T
+    return logits.reshape(*x.shape[:-1], self.vocab_size)
