@@ -1,5 +1,6 @@
 """Prefill plus one-token decode through the KV cache reproduces the full forward pass."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -52,6 +53,39 @@ def test_incremental_decode_matches_full_forward(name):
   # position, cache slot or mask is off by O(1) of it.
   want = np.asarray(full)[np.asarray(mask)]
   np.testing.assert_allclose(np.asarray(incremental)[np.asarray(mask)], want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+ROWS = np.array([0, 17, 40, 53])  # flat [B * T] slots, in no row order
+
+
+@nnx.jit
+def _picked(model, tokens, positions, cache, mask):
+  """The full prefill, and two ``pick``s of it: each row's last slot, and the flat slots ``ROWS``."""
+  full, full_cache = model(tokens, positions, cache, mask)
+  last, last_cache = model(tokens, positions, cache, mask, pick=lambda x: x[:, -1])
+  rows, _ = model(tokens, positions, cache, mask, pick=lambda x: jnp.take(x.reshape(-1, x.shape[-1]), ROWS, axis=0))
+  return full, full_cache, last, last_cache, rows
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pick_gives_the_picked_logits_and_the_whole_cache(name):
+  """``pick`` runs the last MLP and the head on a few slots only: same logits there, same cache everywhere."""
+  cls, config = MODELS[name]
+  model = cls(config, rngs=nnx.Rngs(1))
+  tokens, mask = hf_reference.prompts_batch(seed=7, batch=3, max_len=18)
+  b, p = tokens.shape
+  key_valid = jnp.zeros((b, 24), bool).at[:, :p].set(mask)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+  full, full_cache, last, last_cache, rows = _picked(
+      model, jnp.asarray(tokens), positions, model.init_cache(batch_size=b, max_len=24), make_decode_mask(key_valid, 0, p))
+  full = np.asarray(full)
+  assert last.shape == (b, 1, full.shape[-1]) and rows.shape == (ROWS.size, 1, full.shape[-1])
+  # The MLP of fewer rows may sum in another order (MoE: other expert groupings): ~1e-6 of the largest logit.
+  tol = 1e-5 * np.abs(full).max()
+  np.testing.assert_allclose(np.asarray(last)[:, 0], full[:, -1], rtol=0, atol=tol)
+  np.testing.assert_allclose(np.asarray(rows)[:, 0], full.reshape(-1, full.shape[-1])[ROWS], rtol=0, atol=tol)
+  for got, want in zip(jax.tree.leaves(last_cache), jax.tree.leaves(full_cache)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -943,6 +943,9 @@ def _picked_logits(model, tokens, positions, cache, mask, pick):
   (the dead full projection is removed by XLA). The padded prefill picks each
   row's last slot with a slice (on a mesh the rows stay on their devices).
   """
+  if getattr(model, "accepts_pick", False):  # easytunix models also skip the last MLP on the other slots
+    logits, cache = model(tokens, positions, cache, mask, pick=pick)
+    return logits[:, 0], cache
   if not callable(getattr(model, "logits", None)):
     logits, cache = model(tokens, positions, cache, mask)
     return pick(logits), cache

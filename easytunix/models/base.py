@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -298,11 +298,15 @@ class DecoderLayer(nnx.Module):
       self.mlp = MLP(c.hidden_size, c.intermediate_size, activation=c.activation, **kw)
     self.post_ffw_norm = norm() if c.sandwich_norms else None
 
-  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+  def __call__(self, x, positions, mask, cache=None, cache_index=None, pick=None):
+    """``(output, new cache)``; ``pick`` (see ``CausalLM``) keeps some rows of the attention block's output."""
     h, new_cache = self.attn(self.input_norm(x), positions, mask, cache, cache_index)
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x = x + h
+    if pick is not None:  # the MLP runs on the kept rows only: [B', hidden] -> [B', 1, hidden]
+      x = pick(x)
+      x = x[:, None] if x.ndim == 2 else x
     h = self.mlp(self.pre_ffw_norm(x))
     if self.post_ffw_norm is not None:
       h = self.post_ffw_norm(h)
@@ -388,12 +392,20 @@ class CausalLM(nnx.Module):
   sampler's prefill of prompts laid end to end in one row (tokens and positions [1, N]):
   projections on the real tokens only, attention in left-padded rows, the cache written
   from slot 0.
+
+  ``pick`` (keyword) serves a prefill that wants a few positions' logits: a function from the
+  [B, T, hidden] states to the wanted rows, [B', hidden] (or [B', T', hidden]). It is applied after
+  the last layer's attention block, so that layer's MLP, the final norm and the output head run
+  on those rows only, and the logits (and hidden states) come back as [B', 1, vocab] (or
+  [B', T', vocab]). Every layer's keys and values still go to the cache.
   """
 
   # Trainers may pass a [B, T] padding mask (see easytunix.models.calling).
   accepts_padding_mask: ClassVar[bool] = True
   # The sampler may prefill with a RaggedLayout as the attention mask (prompts end to end in one row).
   accepts_ragged_layout: ClassVar[bool] = True
+  # ... and ask for a few positions' logits with ``pick`` (the last layer's MLP runs on those only).
+  accepts_pick: ClassVar[bool] = True
 
   config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
   # The family's registry key ("llama3", ...): its module is easytunix.models.<family> (model, params).
@@ -436,6 +448,7 @@ class CausalLM(nnx.Module):
       attention_mask: jax.Array | None = None,
       *,
       return_hidden_states: bool = False,
+      pick: Callable[[jax.Array], jax.Array] | None = None,
   ):
     tokens = jnp.asarray(input_tokens)
     b, t = tokens.shape
@@ -476,8 +489,11 @@ class CausalLM(nnx.Module):
     run_layer = _call_layer if cache is not None or self.remat == "none" else _remat_layer(self.remat)
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache.layers[i]
-      x, new_layer_cache = run_layer(layer, x, positions, attention_mask, layer_cache,
-                                     None if cache is None else cache.index)
+      index = None if cache is None else cache.index
+      if pick is not None and i == len(self.layers) - 1:
+        x, new_layer_cache = layer(x, positions, attention_mask, layer_cache, index, pick=pick)
+      else:
+        x, new_layer_cache = run_layer(layer, x, positions, attention_mask, layer_cache, index)
       x = constrain(x, act)
       new_layers.append(new_layer_cache)
     hidden = self.final_norm(x)
