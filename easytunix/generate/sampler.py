@@ -940,8 +940,9 @@ def _picked_logits(model, tokens, positions, cache, mask, pick):
   Projecting every prompt position onto the vocabulary would cost more than the
   rest of the prefill for a big vocabulary, so the hidden states are taken from
   the model and only the picked ones projected with the model's own ``logits``
-  (the dead full projection is removed by XLA). The padded prefill picks each
-  row's last slot with a slice (on a mesh the rows stay on their devices).
+  (the dead full projection is removed by XLA); an easytunix model takes ``pick``
+  itself and runs its last MLP on the picked slots only. The padded prefill picks
+  each row's last slot with a slice (on a mesh the rows stay on their devices).
   """
   if getattr(model, "accepts_pick", False):  # easytunix models also skip the last MLP on the other slots
     logits, cache = model(tokens, positions, cache, mask, pick=pick)
