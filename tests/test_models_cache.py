@@ -55,6 +55,20 @@ def test_incremental_decode_matches_full_forward(name):
   np.testing.assert_allclose(np.asarray(incremental)[np.asarray(mask)], want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
+def _padded_prefill(name: str, seed: int):
+  """A family's tiny model and a left-padded prompt batch [3, P] for a prefill into a fresh 24-slot cache.
+
+  Returns (model, tokens [B, P], mask [B, P], positions [B, P], cache, [B, P, 24] decode mask).
+  """
+  cls, config = MODELS[name]
+  model = cls(config, rngs=nnx.Rngs(1))
+  tokens, mask = hf_reference.prompts_batch(seed=seed, batch=3, max_len=18)
+  b, p = tokens.shape
+  key_valid = jnp.zeros((b, 24), bool).at[:, :p].set(mask)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+  return model, tokens, mask, positions, model.init_cache(batch_size=b, max_len=24), make_decode_mask(key_valid, 0, p)
+
+
 ROWS = np.array([0, 17, 40, 53])  # flat [B * T] slots, in no row order
 
 
@@ -70,14 +84,9 @@ def _picked(model, tokens, positions, cache, mask):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_pick_gives_the_picked_logits_and_the_whole_cache(name):
   """``pick`` runs the last MLP and the head on a few slots only: same logits there, same cache everywhere."""
-  cls, config = MODELS[name]
-  model = cls(config, rngs=nnx.Rngs(1))
-  tokens, mask = hf_reference.prompts_batch(seed=7, batch=3, max_len=18)
-  b, p = tokens.shape
-  key_valid = jnp.zeros((b, 24), bool).at[:, :p].set(mask)
-  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-  full, full_cache, last, last_cache, rows = _picked(
-      model, jnp.asarray(tokens), positions, model.init_cache(batch_size=b, max_len=24), make_decode_mask(key_valid, 0, p))
+  model, tokens, _, positions, cache, decode_mask = _padded_prefill(name, seed=7)
+  b = tokens.shape[0]
+  full, full_cache, last, last_cache, rows = _picked(model, jnp.asarray(tokens), positions, cache, decode_mask)
   full = np.asarray(full)
   assert last.shape == (b, 1, full.shape[-1]) and rows.shape == (ROWS.size, 1, full.shape[-1])
   # The MLP of fewer rows may sum in another order (MoE: other expert groupings): ~1e-6 of the largest logit.
@@ -91,14 +100,9 @@ def test_pick_gives_the_picked_logits_and_the_whole_cache(name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_ragged_prefill_matches_padded_prefill(name):
   """Prompts end to end in one row (RaggedLayout): every token's logits, the cache and its next slot."""
-  cls, config = MODELS[name]
-  model = cls(config, rngs=nnx.Rngs(1))
-  tokens, mask = hf_reference.prompts_batch(seed=5, batch=3, max_len=18)
+  model, tokens, mask, positions, cache, decode_mask = _padded_prefill(name, seed=5)
   b, p = tokens.shape
-  key_valid = jnp.zeros((b, 24), bool).at[:, :p].set(mask)
-  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-  want, want_cache = _forward(model, jnp.asarray(tokens), positions, model.init_cache(batch_size=b, max_len=24),
-                              make_decode_mask(key_valid, 0, p))
+  want, want_cache = _forward(model, jnp.asarray(tokens), positions, cache, decode_mask)
 
   n = int(mask.sum()) + 3  # three filler slots at the end
   slots = np.flatnonzero(mask.reshape(-1))  # left-padded slot b * p + col of each real token, row by row
@@ -118,7 +122,7 @@ def test_ragged_prefill_matches_padded_prefill(name):
   scale = np.abs(np.asarray(want)).max()
   np.testing.assert_allclose(np.asarray(got)[0, : slots.size], np.asarray(want).reshape(b * p, -1)[slots],
                              rtol=0, atol=2e-5 * scale)
-  keys_valid = np.asarray(key_valid)[:, None, None, :]
+  keys_valid = np.pad(np.asarray(mask, bool), ((0, 0), (0, 24 - p)))[:, None, None, :]  # the prompt slots
   for ours, padded in zip(got_cache.layers, want_cache.layers):
     np.testing.assert_allclose(np.where(keys_valid, ours.k, 0), np.where(keys_valid, padded.k, 0), atol=1e-5)
     np.testing.assert_allclose(np.where(keys_valid.swapaxes(-1, -2), ours.v, 0),
