@@ -332,6 +332,56 @@ def test_training_between_two_calls_compiles_nothing_again():
   assert (sampler._prefill_jit._cache_size(), sampler._decode_jit._cache_size()) == (1, 1)  # noqa: SLF001
 
 
+def test_kernel_copies_for_decoding_follow_the_weights(tiny, monkeypatch):
+  """On CPU the sampler multiplies a decode step's few rows by [out, in] copies of the Linear kernels
+  (``OUT_MAJOR_MAX_BYTES``): made once, reused while the kernels stay, made again as soon as one changes
+  (here in place, as an optimizer step does), so the tokens always come from the current weights."""
+  import easytunix.generate.sampler as sampler_lib
+  from easytunix.layers.linear import out_major_targets
+
+  _, _, _, folder = tiny("llama3")
+
+  def scaled_model():
+    model = load_model(folder, dtype="float32")
+    for _, m in out_major_targets(model):
+      m.kernel[...] = m.kernel[...] * 1.5
+    return model
+
+  model = load_model(folder, dtype="float32")
+  sampler = Sampler(model, None, CacheConfig.for_model(model, cache_size=128, max_batch_size=8))
+  generate = lambda s: s(PROMPTS, STEPS, eos_tokens=UNLIKELY_EOS, return_logprobs=True)  # noqa: E731
+  before = generate(sampler)
+  copies = sampler._out_major_kernels()  # noqa: SLF001
+  targets = out_major_targets(sampler.transformer)
+  assert copies is not None and sampler._out_major_kernels() is copies  # noqa: SLF001
+  assert sorted(copies) == sorted(path for path, _ in targets)
+  for path, m in targets:
+    np.testing.assert_array_equal(copies[path], np.asarray(m.kernel[...]).T)
+  # The decode program takes them (a product with a copy is fenced by an optimization barrier).
+  state = sampler.init_sample_state(PROMPTS, STEPS)
+  mode, knobs, _ = sampler._setup(None, None, None, None, UNLIKELY_EOS, [], False, False)  # noqa: SLF001
+  lowered = sampler._decode_jit.lower(  # noqa: SLF001
+      sampler._weights(), state.cache, state.logits, state.key_valid, state.positions,  # noqa: SLF001
+      jnp.zeros(state.logits.shape[0], bool), jax.random.key(0), jnp.int32(STEPS), knobs, mode=mode,
+      out_len=state.steps_bucket,
+  ).as_text()
+  assert lowered.count("optimization_barrier") >= len(targets)
+
+  for path, m in targets:  # in place, as an optimizer step does
+    m.kernel[...] = m.kernel[...] * 1.5
+  after = generate(sampler)
+  fresh = scaled_model()
+  expected = generate(Sampler(fresh, None, CacheConfig.for_model(fresh, cache_size=128, max_batch_size=8)))
+  assert [t.tolist() for t in after.tokens] == [t.tolist() for t in expected.tokens]
+  assert [t.tolist() for t in after.tokens] != [t.tolist() for t in before.tokens]
+  for a, b in zip(after.logprobs, expected.logprobs):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+  assert sampler._out_major_kernels() is not copies  # noqa: SLF001
+
+  monkeypatch.setattr(sampler_lib, "OUT_MAJOR_MAX_BYTES", 0)  # over the limit: no copies, none kept
+  assert sampler._out_major_kernels() is None and sampler._out_major is None  # noqa: SLF001
+
+
 @pytest.mark.parametrize("arch,sampling", [("llama3", False), ("llama3", True), ("gemma", False)])
 def test_stream_joins_to_the_same_text(tiny, arch, sampling):
   sampler, _, _, _ = tiny(arch)
@@ -501,5 +551,5 @@ def test_a_model_on_a_mesh_samples_under_it_like_on_one_device(tiny):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
   # A batch of 4 splits over fsdp=2 (3 rows would be replicated, and so left unconstrained).
   tokens, valid = jnp.zeros((4, 16), jnp.int32), jnp.ones((4, 16), bool)
-  lowered = sharded._prefill_jit.lower(sharded._params(), tokens, valid, cache_len=48).as_text()
+  lowered = sharded._prefill_jit.lower(sharded._weights(), tokens, valid, cache_len=48).as_text()
   assert "sharding_constraint" in lowered  # the model's activation constraints (none without the mesh)
