@@ -83,7 +83,8 @@ class Linear(nnx.Module):
   ``easytunix.sft.lora.quantize_base`` replaces the kernel by a frozen
   :class:`~easytunix.layers.quantization.QuantizedKernel` (QLoRA); it is then
   dequantized on the fly, in the compute dtype, at every call (and again in the
-  backward pass, rather than kept in memory until then).
+  backward pass, rather than kept in memory until then). Within ``out_major_kernels``
+  (the Sampler's programs on CPU) a few rows multiply by an [out, in] copy of the kernel.
   """
 
   def __init__(
