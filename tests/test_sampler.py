@@ -186,23 +186,41 @@ def test_sample_best_is_argmax_with_ties_infinities_and_nans(jit):
 
 # Prompts of 9-100 tokens: left-padded they fill 8 x 112 slots, 440 of them padding.
 VARIED = [list(range(1 + i, 1 + i + n)) for i, n in enumerate([100, 9, 57, 23, 71, 40, 12, 88])]
+# Prompts that begin alike (a 30-token "system prompt"): one repeated, one the start of another, one
+# sharing a part of it, one with it after a first token (so nothing in common), and one unrelated.
+SYSTEM = list(range(200, 230))
+SHARED = [
+    SYSTEM + list(range(1, 71)),
+    SYSTEM + list(range(1, 20)),
+    SYSTEM + list(range(1, 71)),
+    SYSTEM + [5] * 10,
+    [300, *SYSTEM],
+    SYSTEM[:12] + [7] * 40,
+    SYSTEM + list(range(1, 20)) + [9, 9],
+    [3] * 9,
+]
 
 
-@pytest.mark.parametrize("layout", ["ragged", "rows"])
+@pytest.mark.parametrize("layout", ["ragged", "rows", "shared"])
 @pytest.mark.parametrize("arch", ["gemma3", "qwen3_moe", "llama3"])  # gemma3: sliding window 8
 def test_packed_prefill_matches_padded_prefill_and_transformers(tiny, arch, layout, monkeypatch):
+  """Packed prefills (ragged, rows, ragged with shared prefixes): the padded prefill's state and transformers' tokens."""
   _, torch_model, model, _ = tiny(arch)
   sampler = Sampler(model, None, CacheConfig.for_model(model, cache_size=256, max_batch_size=8))
-  sampler._ragged = layout == "ragged"  # noqa: SLF001  (these lengths choose the ragged layout when allowed)
-  packed = sampler._pack(VARIED, 8, 112)  # noqa: SLF001
+  sampler._ragged = layout != "rows"  # noqa: SLF001  (these lengths choose the ragged layout when allowed)
+  prompts = SHARED if layout == "shared" else VARIED
+  packed = sampler._pack(prompts, 8, 112)  # noqa: SLF001
   sampler._packed_layouts.clear()  # noqa: SLF001
-  assert packed.ragged == (layout == "ragged")
+  assert packed.ragged == (layout != "rows")
   assert packed.tokens.size < 0.8 * 8 * 112, packed.tokens.shape  # the prompts sit end to end in fewer slots
-  got = sampler.init_sample_state(VARIED, 8)
+  if layout == "shared":  # 432 tokens, 240 of them in prefixes other prompts hold too: 192 slots
+    assert packed.tokens.size == 192
+    assert packed.last[0] == packed.last[2] and packed.last[1] == packed.src[0, 112 - 100 + 48]
+  got = sampler.init_sample_state(prompts, 8)
   assert sampler.trace_counts["prefill"] == 1
   with monkeypatch.context() as patch:
     patch.setattr(sampler, "_pack", lambda *args: None)
-    want = sampler.init_sample_state(VARIED, 8)
+    want = sampler.init_sample_state(prompts, 8)
   np.testing.assert_array_equal(got.key_valid, want.key_valid)
   np.testing.assert_array_equal(got.positions, want.positions)
   assert int(got.cache.index) == int(want.cache.index) == 112
@@ -215,8 +233,8 @@ def test_packed_prefill_matches_padded_prefill_and_transformers(tiny, arch, layo
     np.testing.assert_allclose(np.where(values_valid, v, 0), np.where(values_valid, padded.v, 0), rtol=1e-5,
                                atol=1e-5)
     assert not np.any(np.where(keys_valid, 0, k)) and not np.any(np.where(values_valid, 0, v))
-  expected, _ = hf_generate(torch_model, VARIED, UNLIKELY_EOS, do_sample=False, max_new_tokens=8)
-  assert [t.tolist() for t in sampler(VARIED, 8, eos_tokens=UNLIKELY_EOS).tokens] == expected
+  expected, _ = hf_generate(torch_model, prompts, UNLIKELY_EOS, do_sample=False, max_new_tokens=8)
+  assert [t.tolist() for t in sampler(prompts, 8, eos_tokens=UNLIKELY_EOS).tokens] == expected
 
 
 def test_packed_layouts_are_reused_and_capped(tiny):
@@ -237,6 +255,26 @@ def test_packed_layouts_are_reused_and_capped(tiny):
   assert sampler.trace_counts["prefill"] <= PACK_MAX_LAYOUTS + 1  # those layouts, and the padded program
 
 
+def test_shared_prefixes_take_one_slot_per_prefix_tree_node():
+  from easytunix.generate.utils import share_prefixes
+
+  rng = np.random.default_rng(0)
+  for _ in range(20):  # prompts over 3 token ids, so many begin alike; some repeat, some are the start of another
+    ids = [rng.integers(0, 3, rng.integers(1, 9)).tolist() for _ in range(rng.integers(1, 12))]
+    ids += [ids[0], ids[-1][:2]]
+    slots, count = share_prefixes(ids)
+    # The prefix tree's nodes: every distinct (prefix of a prompt) gets one slot.
+    nodes = {tuple(x[: j + 1]) for x in ids for j in range(len(x))}
+    assert count == len(nodes)
+    owner = {}
+    for x, at in zip(ids, slots):
+      assert len(at) == len(x) and at.dtype == np.int64
+      for j, slot in enumerate(at.tolist()):
+        assert owner.setdefault(slot, tuple(x[: j + 1])) == tuple(x[: j + 1]), "one slot, two different prefixes"
+    assert sorted(owner) == list(range(count))
+  assert share_prefixes([]) == ([], 0)
+
+
 def test_packing_plan(tiny):
   from easytunix.generate.utils import pack_rows
 
@@ -253,8 +291,12 @@ def test_packing_plan(tiny):
     pack_rows([5, 200], 128)
   sampler = tiny("qwen3")[0]
   assert sampler._pack(PROMPTS, 3, 16) is None  # noqa: SLF001  (48 slots: a compile costs more than the padding)
-  # Equal lengths that fill their bucket: nothing to save.
-  assert sampler._pack([[1] * 112] * 8, 8, 112) is None  # noqa: SLF001
+  # Equal lengths that fill their bucket, nothing in common: nothing to save.
+  assert sampler._pack([[1 + i] * 112 for i in range(8)], 8, 112) is None  # noqa: SLF001
+  # One prompt for 8 samples: its 112 tokens once.
+  same = sampler._pack([list(range(1, 113))] * 8, 8, 112)  # noqa: SLF001
+  assert same.ragged and same.tokens.shape == (1, 112) and (same.src == np.arange(112)).all()
+  assert (same.last == 111).all() and (same.dst // 112 < 8).all()
   # Chat-like lengths: 400 tokens in one row of 400 slots, attention in the 8 left-padded rows.
   ragged = sampler._pack(VARIED, 8, 112)  # noqa: SLF001
   assert ragged.ragged and ragged.tokens.shape == (1, 400)
@@ -266,7 +308,7 @@ def test_packing_plan(tiny):
     np.testing.assert_array_equal(ragged.dst[slots], i * 112 + 112 - len(x) + np.arange(len(x)))
     assert ragged.last[i] == slots[-1]
   # One long prompt among short ones: left-padded attention would cost 8 x 512^2, so rows win.
-  rows = sampler._pack([[1] * 500] + [[1] * 20] * 7, 8, 512)  # noqa: SLF001
+  rows = sampler._pack([[1] * 500] + [[2 + i] * 20 for i in range(7)], 8, 512)  # noqa: SLF001
   assert not rows.ragged and rows.tokens.shape[0] >= 1 and rows.tokens.size < 8 * 512
 
 

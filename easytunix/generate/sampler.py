@@ -57,6 +57,7 @@ from easytunix.generate.utils import (
     check_steps,
     fine_bucket,
     pack_rows,
+    share_prefixes,
 )
 from easytunix.host_memory import release_memory_after_compiles
 from easytunix.layers.cache import (
@@ -552,9 +553,12 @@ class Sampler(BaseSampler):
     Two packed layouts compute fewer:
 
     - ragged (easytunix models, see ``RaggedLayout``): the prompts end to end in one row of
-      ``width`` slots for every projection and MLP (672 slots for those 657 tokens), while each
-      attention layer attends in the left-padded rows, gathered from and scattered back to that
-      row. Attention keeps the padded cost, so the layout scores ``width + batch * prompt^2 / 2048``.
+      ``width`` slots for every projection and MLP, while each attention layer attends in the
+      left-padded rows, gathered from and scattered back to that row. Prompts that begin alike
+      share the slots of their common prefix (``share_prefixes``): those 16 chat prompts open with
+      the same 24-token system prompt, so their 657 tokens take 297 slots (a bucket of 304). A
+      prompt repeated for several samples takes its slots once. Attention keeps the padded cost,
+      so the layout scores ``width + batch * prompt^2 / 2048``.
     - rows: the prompts end to end in fewer, wider rows (first fit, longest first), attending only
       within their own slots (a block-diagonal causal mask); their keys and values are then gathered
       into the usual left-padded cache. Wider rows cost dense attention over more slots, so
@@ -583,17 +587,21 @@ class Sampler(BaseSampler):
 
     limit = 0.9 * cost(batch_bucket, prompt_bucket)
 
-    def fits(rows: int, width: int) -> list[tuple[int, int]] | None:
+    slots, unique = share_prefixes(ids) if self._ragged else ([], total)
+
+    def fits(rows: int, width: int) -> list[np.ndarray] | None:  # each prompt's slots, or None
       if rows == 0:
-        return [(0, offset) for offset in np.cumsum([0, *lengths[:-1]]).tolist()] if total <= width else None
+        return slots if unique <= width else None
       if width < max(lengths):
         return None
       placed = pack_rows(lengths, width)
-      return placed if max(r for r, _ in placed) < rows else None
+      if max(r for r, _ in placed) >= rows:
+        return None
+      return [row * width + offset + np.arange(n) for n, (row, offset) in zip(lengths, placed)]
 
     candidates = []  # each bucketed row count with the narrowest bucketed width that fits
     if self._ragged:
-      candidates.append((0, fine_bucket(total, MIN_PROMPT_BUCKET, per_octave=16)))
+      candidates.append((0, fine_bucket(unique, MIN_PROMPT_BUCKET, per_octave=16)))
     rows = 1
     while rows < batch_bucket:
       width = fine_bucket(max(max(lengths), -(-total // rows)), MIN_PROMPT_BUCKET, per_octave=4)
@@ -620,14 +628,14 @@ class Sampler(BaseSampler):
     src = np.zeros((batch_bucket, prompt_bucket), np.int32)
     last = np.zeros((batch_bucket,), np.int32)
     dst = np.zeros((tokens.size,), np.int32)
-    for i, (x, (row, offset)) in enumerate(zip(ids, placed)):
+    for i, (x, at) in enumerate(zip(ids, placed)):  # ``at``: the prompt's flat slots (row * width + col)
       n = len(x)
-      tokens[row, offset : offset + n] = x
-      positions[row, offset : offset + n] = np.arange(n)
-      segments[row, offset : offset + n] = i
-      src[i, prompt_bucket - n :] = row * width + offset + np.arange(n)
-      dst[row * width + offset + np.arange(n)] = i * prompt_bucket + prompt_bucket - n + np.arange(n)
-      last[i] = row * width + offset + n - 1
+      tokens.flat[at] = x
+      positions.flat[at] = np.arange(n)
+      segments.flat[at] = i  # a shared slot: the last prompt that holds it (the ragged layout reads no segments)
+      src[i, prompt_bucket - n :] = at
+      dst[at] = i * prompt_bucket + prompt_bucket - n + np.arange(n)  # a shared slot: any row that holds it
+      last[i] = at[-1]
     return _Packed(rows == 0, tokens, positions, segments, src, last, dst)
 
   def _prefill_ragged_impl(self, weights, tokens, positions, src, dst, last, valid, *, cache_len: int):

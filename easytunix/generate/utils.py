@@ -24,6 +24,7 @@ __all__ = [
     "is_python_number",
     "is_token_id",
     "pack_rows",
+    "share_prefixes",
 ]
 
 # Smallest buckets: prompts are padded to at least this many tokens and the
@@ -73,6 +74,34 @@ def pack_rows(lengths: Sequence[int], width: int) -> list[tuple[int, int]]:
     placed[i] = (row, width - free[row])
     free[row] -= lengths[i]
   return placed
+
+
+def share_prefixes(ids: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], int]:
+  """Slots in one row where prompts that begin alike share the tokens they have in common.
+
+  Token ``j`` of a prompt depends on that prompt's tokens ``0..j`` only, so prompts with a common
+  prefix (a chat template's system prompt, one prompt repeated for several samples) need it
+  computed once. Sorted, each prompt shares its longest common prefix with the prompt before
+  it; that gives as few slots as a prefix tree of the prompts has nodes.
+
+  Returns:
+    Each prompt's slots (int array, one per token; a shared token has one slot in every prompt
+    that holds it), and how many slots there are.
+  """
+  slots: list[np.ndarray] = [np.zeros((0,), np.int64)] * len(ids)
+  count, previous = 0, None
+  for i in sorted(range(len(ids)), key=lambda i: list(ids[i])):
+    x = np.asarray(ids[i], np.int64)
+    head = np.zeros((0,), np.int64)
+    if previous is not None:
+      p = np.asarray(ids[previous], np.int64)
+      m = min(len(p), len(x))
+      differ = np.flatnonzero(p[:m] != x[:m])
+      head = slots[previous][: int(differ[0]) if differ.size else m]
+    slots[i] = np.concatenate([head, count + np.arange(len(x) - len(head))])
+    count += len(x) - len(head)
+    previous = i
+  return slots, count
 
 
 def is_python_number(x: Any) -> bool:

@@ -134,6 +134,8 @@ class RaggedLayout:
 
   Attributes:
     src: [B, P] int32, the token (of the N) that each left-padded slot holds (any token where ``valid`` is False).
+      Prompts that begin alike may hold the same tokens for their common prefix: its keys and
+      values then go to each of their rows, and it is projected once.
     dst: [N] int32, the left-padded slot ``b * P + p`` each token's output comes from (any slot for a filler token).
     valid: [B, P] bool, which left-padded slots hold a token.
   """
