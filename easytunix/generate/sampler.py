@@ -245,8 +245,9 @@ class Sampler(BaseSampler):
   stay the same, and nothing recompiles.
 
   Memory: on CPU (one device) the sampler also keeps an [out, in] copy of each
-  Linear kernel, which its decode steps multiply by (SmolLM2-135M, 16 rows: ~13%
-  faster); it is made at the first call and again after the kernels change, and
+  Linear kernel, which its decode steps and short prefills (up to 64 tokens, see
+  ``OUT_MAJOR_ROWS`` in ``easytunix.layers.linear``) multiply by (SmolLM2-135M,
+  16 rows: ~13% faster); it is made at the first call and again after the kernels change, and
   skipped when the copies would exceed ``OUT_MAJOR_MAX_BYTES`` (2 GiB; set the
   module's constant to 0 to turn them off).
   """
@@ -451,7 +452,7 @@ class Sampler(BaseSampler):
     if self._out_major_targets[0] is not self.transformer:  # walking the model takes ~10 ms: once per model
       self._out_major_targets = (self.transformer, out_major_targets(self.transformer))
     targets = self._out_major_targets[1]
-    kernels = [m.kernel.get_value() for _, m in targets]
+    kernels = [_current_array(m.kernel) for _, m in targets]
     if not kernels or sum(k.size * jnp.dtype(m.dtype).itemsize for k, (_, m) in zip(kernels, targets)) > (
         OUT_MAJOR_MAX_BYTES):
       self._out_major, self._out_major_source = None, []
@@ -963,6 +964,18 @@ class Sampler(BaseSampler):
         yield np.asarray(token)
 
     return stream_chunks(prompts, step_tokens(), self._decode_text, eos, steps, echo)
+
+
+def _current_array(variable: nnx.Variable) -> Any:
+  """``variable.get_value()`` without its copy: the stored array itself when no hook reads it.
+
+  ``get_value`` copies the value's pytree and runs the ``on_get_value`` hooks (~5 us a call), which
+  over a model's ~200 kernels was ~1 ms of every ``Sampler`` call; the kernel check needs only the array.
+  """
+  raw = variable.get_raw_value() if hasattr(variable, "get_raw_value") else None
+  if isinstance(raw, jax.Array) and variable.get_metadata("on_get_value", None) is None:
+    return raw
+  return variable.get_value()
 
 
 def _placed_like(value: Any, current: Any) -> Any:
