@@ -247,8 +247,8 @@ class Sampler(BaseSampler):
   Memory: on CPU (one device) the sampler also keeps an [out, in] copy of each
   Linear kernel, which its decode steps and short prefills (up to 64 tokens, see
   ``OUT_MAJOR_ROWS`` in ``easytunix.layers.linear``) multiply by (SmolLM2-135M,
-  16 rows: ~13% faster); it is made at the first call and again after the kernels change, and
-  skipped when the copies would exceed ``OUT_MAJOR_MAX_BYTES`` (2 GiB; set the
+  16 rows: ~13% faster); it is made at the first call and again after the
+  kernels change, and skipped when the copies would exceed ``OUT_MAJOR_MAX_BYTES`` (2 GiB; set the
   module's constant to 0 to turn them off).
   """
 
